@@ -1,0 +1,28 @@
+"""The one exception type a user sees as a short message instead of a traceback.
+
+Core modules raise `UserError` for problems with what the user handed us (a file, a model name,
+an option); every stage script runs its `main` through `exit_on_user_error`, which prints the
+message and exits with status 2. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """A problem with the user's input that deserves a one-line message."""
+
+
+def exit_on_user_error(main: Callable[[], object]) -> None:
+    """Run a script's `main`, turning a `UserError` (or Ctrl-C) into a clean exit."""
+    prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "gpt2"
+    try:
+        main()
+    except UserError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)

