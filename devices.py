@@ -1,0 +1,40 @@
+"""Choosing where and in which precision to run: `--device` and `--dtype` for every stage."""
+
+from __future__ import annotations
+
+import torch
+
+from errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple's MPS, then the CPU; anything else must exist here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UserError(f"bad device {name!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested, but CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name!r} requested, but MPS is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on GPUs that support it and float32 everywhere else (CPU kernels for
+    bfloat16 are slow on most processors, and float16 needs loss scaling to train)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r} (choose auto, {', '.join(DTYPES)})")
+    return DTYPES[name]

@@ -1,0 +1,131 @@
+"""Text generation with a KV cache: prefill the prompt once, then decode one token per step for a
+batch of samples. `stream_tokens` is the core that sample.py and the training loop both consume.
+"""
+
+from __future__ import annotations
+
+import codecs
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from model import GPT, KVCache
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen from the logits. `greedy` ignores everything else."""
+
+    temperature: float = 1.0
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use greedy decoding for 0), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """(B, V) logits -> temperature-scaled logits with filtered-out tokens set to -inf."""
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # A token is dropped when the tokens ranked above it already reach top_p on their own;
+        # the most likely token therefore always stays.
+        mass_above = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_above >= sampling.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits of the last position -> (B,) next token ids, without a host sync."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float(), sampling).softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def fit_to_context(prompt: list[int], max_new_tokens: int, block_size: int) -> tuple[list[int], int]:
+    """Crop the prompt from the left and cap the new tokens so that both fit in block_size."""
+    if max_new_tokens >= block_size:
+        warnings.warn(f"max_new_tokens {max_new_tokens} capped to {block_size - 1} (block_size {block_size})",
+                      stacklevel=2)
+        max_new_tokens = block_size - 1
+    room = block_size - max_new_tokens
+    if len(prompt) > room:
+        warnings.warn(f"prompt of {len(prompt)} tokens cropped from the left to its last {room}, so that "
+                      f"{max_new_tokens} new tokens fit in block_size {block_size}", stacklevel=2)
+        prompt = prompt[-room:]
+    return prompt, max_new_tokens
+
+
+@torch.inference_mode()
+def stream_tokens(model: GPT, prompt: list[int], num_samples: int, max_new_tokens: int, sampling: Sampling,
+                  generator: torch.Generator | None = None, stop_token: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield the (num_samples,) next tokens at each step, on the model's device.
+
+    The prompt must fit with the new tokens in block_size (see `fit_to_context`); it must not be
+    empty (start from <|endoftext|> for unconditional samples). With `stop_token`, generation ends
+    once every row has produced it; rows that finished earlier keep yielding `stop_token`.
+    """
+    if not prompt:
+        raise ValueError("empty prompt: start from the <|endoftext|> token for unconditional samples")
+    if len(prompt) + max_new_tokens > model.config.block_size:
+        raise ValueError(f"{len(prompt)} prompt + {max_new_tokens} new tokens exceed block_size "
+                         f"{model.config.block_size}; see fit_to_context")
+    device = model.transformer.wte.weight.device
+    dtype = model.transformer.wte.weight.dtype
+    cache = KVCache(model.config, num_samples, len(prompt) + max_new_tokens, device=device, dtype=dtype)
+    idx = torch.tensor(prompt, dtype=torch.long, device=device).expand(num_samples, -1)  # (B, T)
+    finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        logits, _ = model(idx, kv_cache=cache)  # the prefill at step 0, then (B, 1) per step
+        next_tokens = sample_next(logits[:, -1, :], sampling, generator)  # (B,)
+        if stop_token is not None:
+            next_tokens = next_tokens.masked_fill(finished, stop_token)
+            finished |= next_tokens == stop_token
+        yield next_tokens
+        # One host sync every 16 steps is cheap; one per step would stall a GPU pipeline.
+        if stop_token is not None and step % 16 == 15 and bool(finished.all()):
+            return
+        idx = next_tokens.unsqueeze(1)  # (B, 1)
+
+
+def generate(model: GPT, prompt: list[int], num_samples: int, max_new_tokens: int, sampling: Sampling,
+             generator: torch.Generator | None = None, stop_token: int | None = None) -> list[list[int]]:
+    """The new tokens of each sample (prompt excluded), cut after `stop_token` when given."""
+    steps = list(stream_tokens(model, prompt, num_samples, max_new_tokens, sampling, generator, stop_token))
+    if not steps:
+        return [[] for _ in range(num_samples)]
+    rows = torch.stack(steps, dim=1).tolist()  # (B, steps)
+    if stop_token is not None:
+        rows = [row[: row.index(stop_token) + 1] if stop_token in row else row for row in rows]
+    return rows
+
+
+class TextStream:
+    """Turns token ids into text as they arrive, holding back bytes of a half-finished UTF-8
+    character (GPT-2's byte-level BPE splits many characters across tokens)."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes]) -> None:
+        self._token_bytes = token_bytes
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self._token_bytes(token))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)

@@ -1,0 +1,164 @@
+"""Generate text from any model spec, streaming it to the terminal.
+
+    python sample.py "Hello, I'm a language model,"            # 5 samples of 30 new tokens from gpt2
+    python sample.py -m log/model_19072 --top-p 0.9 "Once upon a time"
+    echo "The meaning of life is" | python sample.py --json --greedy
+    python sample.py --interactive                             # a prompt loop; Ctrl-D quits
+
+With several samples, the batch is generated at once: the first sample streams as its tokens
+arrive, the others are printed when the batch is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import tiktoken
+import torch
+
+from devices import resolve_device, resolve_dtype
+from errors import UserError, exit_on_user_error
+from generation import Sampling, TextStream, fit_to_context, stream_tokens
+from model import GPT
+from pretrained import load_model
+from tokenizer import get_tokenizer
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", nargs="?", help="the prompt (default: --prompt-file, else stdin when piped, "
+                                                  "else unconditional from <|endoftext|>)")
+    parser.add_argument("-m", "--model", default="gpt2", help="our checkpoint folder, an HF folder, or an HF hub "
+                                                              "name (default: gpt2)")
+    parser.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    parser.add_argument("-n", "--num-samples", type=int, help="samples per prompt (default: 5; 1 with --interactive)")
+    parser.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate per sample (default: 30)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0 disables "
+                                                              "(default: 50, as build-nanogpt)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of tokens reaching "
+                                                    "probability p")
+    parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    parser.add_argument("--seed", type=int, default=42, help="random seed; the same seed gives the same samples")
+    parser.add_argument("--stop-at-eot", action="store_true", help="end a sample at <|endoftext|>")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto: bfloat16 on GPUs "
+                                                        "that have it, else float32")
+    parser.add_argument("--json", action="store_true", help="print the samples as one JSON object instead")
+    parser.add_argument("--interactive", action="store_true", help="prompt loop with line editing and history")
+    args = parser.parse_args()
+    if args.num_samples is None:
+        args.num_samples = 1 if args.interactive else 5
+    if args.num_samples < 1 or args.max_new_tokens < 0:
+        parser.error("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    if args.interactive and (args.json or args.prompt or args.prompt_file):
+        parser.error("--interactive reads its prompts itself: drop --json, the prompt and --prompt-file")
+    return args
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UserError("give the prompt either as an argument or with --prompt-file, not both")
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is not None:
+        try:
+            return args.prompt_file.read_text()
+        except OSError as error:
+            raise UserError(f"cannot read --prompt-file: {error}") from None
+    return "" if sys.stdin.isatty() else sys.stdin.read()
+
+
+def encode_prompt(text: str, encoding: tiktoken.Encoding, model: GPT) -> list[int]:
+    """Prompt ids; an empty prompt becomes <|endoftext|>, the token that starts every document."""
+    ids = encoding.encode_ordinary(text) if text else [encoding.eot_token]
+    if max(ids) >= model.config.vocab_size:
+        raise UserError(f"the prompt has token id {max(ids)}, beyond this model's vocabulary of "
+                        f"{model.config.vocab_size}")
+    return ids
+
+
+def run_prompt(text: str, model: GPT, encoding: tiktoken.Encoding, args: argparse.Namespace,
+               generator: torch.Generator) -> None:
+    """Generate for one prompt and print the samples, streaming the first."""
+    prompt, max_new_tokens = fit_to_context(encode_prompt(text, encoding, model), args.max_new_tokens,
+                                            model.config.block_size)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                        greedy=args.greedy)
+    stop_token = encoding.eot_token if args.stop_at_eot else None
+    steps = stream_tokens(model, prompt, args.num_samples, max_new_tokens, sampling, generator, stop_token)
+    rows: list[list[int]] = [[] for _ in range(args.num_samples)]  # new tokens, stop token excluded
+    finished = [False] * args.num_samples
+    stream = None if args.json else TextStream(encoding.decode_single_token_bytes)
+    if stream is not None and not args.interactive:  # interactively, the prompt is on screen already
+        print("> " + encoding.decode(prompt), end="", flush=True)
+    start = time.perf_counter()
+    for tokens in steps:
+        for i, token in enumerate(tokens.tolist()):
+            if finished[i] or token == stop_token:
+                finished[i] = True
+                continue
+            rows[i].append(token)
+            if i == 0 and stream is not None:
+                print(stream.push(token), end="", flush=True)
+    elapsed = time.perf_counter() - start
+    if args.json:
+        samples = [{"text": encoding.decode(row), "tokens": row} for row in rows]
+        print(json.dumps({"model": args.model, "prompt": encoding.decode(prompt), "prompt_tokens": prompt,
+                          "samples": samples}, ensure_ascii=False))
+        return
+    print(stream.flush())
+    for row in rows[1:]:
+        print("> " + encoding.decode(prompt + row))
+    new_tokens = sum(len(row) for row in rows)
+    print(f"[{new_tokens} new tokens in {elapsed:.2f}s: {new_tokens / max(elapsed, 1e-9):.1f} tokens/s]",
+          file=sys.stderr)
+
+
+def interactive(model: GPT, encoding: tiktoken.Encoding, args: argparse.Namespace,
+                generator: torch.Generator) -> None:
+    """Read prompts until EOF (Ctrl-D), with readline's line editing and history when on a terminal."""
+    with contextlib.suppress(ImportError):  # absent on Windows
+        import readline  # noqa: F401  (importing it gives input() line editing and history)
+    print(f"{args.model}: type a prompt, Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            text = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if text.strip():
+            run_prompt(text, model, encoding, args, generator)
+
+
+def main() -> None:
+    args = parse_args()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    try:
+        Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    text = None if args.interactive else read_prompt(args)
+    model, tokenizer_name = load_model(args.model, device=device, dtype=dtype)
+    encoding = get_tokenizer(tokenizer_name)
+    if model.config.vocab_size > encoding.n_vocab:
+        raise UserError(f"{args.model} has {model.config.vocab_size} tokens, more than its tokenizer "
+                        f"{tokenizer_name} ({encoding.n_vocab}): they do not belong together")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    warnings.simplefilter("always")
+    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+    if args.interactive:
+        interactive(model, encoding, args, generator)
+    else:
+        run_prompt(text, model, encoding, args, generator)
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)

@@ -1,0 +1,184 @@
+"""generation.py and sample.py: KV-cache decoding against full recomputation and HF generate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from checkpoint import save_checkpoint
+from generation import Sampling, TextStream, filter_logits, fit_to_context, generate
+from model import GPT, GPTConfig
+from pretrained import load_model
+from tokenizer import get_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_model(**overrides: object) -> GPT:
+    torch.manual_seed(3)
+    config = dict(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(GPTConfig(**{**config, **overrides})).eval()
+    with torch.no_grad():  # larger weights than GPT-2's init, so the argmax is not a near tie
+        for param in model.parameters():
+            param.normal_(0.0, 0.5)
+    return model
+
+
+def test_greedy_with_cache_equals_argmax_of_full_recomputation() -> None:
+    model = small_model()
+    prompt = [5, 17, 42, 3]
+    generated = generate(model, prompt, num_samples=2, max_new_tokens=30, sampling=Sampling(greedy=True))
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(30):
+            logits, _ = model(torch.tensor([sequence]))
+            sequence.append(int(logits[0, -1].argmax()))
+    assert generated[0] == sequence[len(prompt):]
+    assert generated[1] == generated[0]
+
+
+def test_fixed_seed_reproduces_samples_and_another_seed_differs() -> None:
+    model = small_model()
+
+    def run(seed: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(seed)
+        return generate(model, [1, 2, 3], 4, 20, Sampling(temperature=1.5), generator=generator)
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+    assert len({tuple(row) for row in run(7)}) > 1  # rows of a batch are independent samples
+
+
+def test_top_k_one_equals_greedy() -> None:
+    model = small_model()
+    greedy = generate(model, [9, 8], 3, 25, Sampling(greedy=True))
+    generator = torch.Generator().manual_seed(0)
+    top1 = generate(model, [9, 8], 3, 25, Sampling(top_k=1, temperature=3.0), generator=generator)
+    assert top1 == greedy
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.3, [0]), (0.5, [0]), (0.7, [0, 2]), (0.75, [0, 2]), (0.76, [0, 1, 2]),
+                                         (0.9, [0, 1, 2, 3]), (1.0, [0, 1, 2, 3, 4])])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p: float, kept: list[int]) -> None:
+    # Sorted: 0.5, 0.25, 0.125, 0.09375, 0.03125; binary fractions, so the running sums are exact.
+    probs = torch.tensor([[0.5, 0.125, 0.25, 0.09375, 0.03125]], dtype=torch.float64)
+    filtered = filter_logits(probs.log(), Sampling(top_p=top_p))
+    assert torch.isfinite(filtered[0]).nonzero().flatten().tolist() == kept
+
+
+def test_top_k_keeps_k_tokens() -> None:
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5]])
+    filtered = filter_logits(logits, Sampling(top_k=2))
+    assert torch.isfinite(filtered[0]).nonzero().flatten().tolist() == [1, 3]
+
+
+def test_padded_vocab_ids_are_never_sampled() -> None:
+    model = small_model(vocab_size=100, vocab_multiple=64)
+    with torch.no_grad():  # make the 28 padding rows the most attractive tokens by far
+        model.transformer.wte.weight[100:] = 50.0 * model.transformer.ln_f.weight.sign()
+        model.transformer.ln_f.bias.zero_()
+    generator = torch.Generator().manual_seed(0)
+    rows = generate(model, [1, 2], 8, 40, Sampling(temperature=2.0), generator=generator)
+    assert max(max(row) for row in rows) < 100
+
+
+def test_stop_token_ends_each_sample() -> None:
+    model = small_model()
+    greedy = generate(model, [4], 1, 30, Sampling(greedy=True))[0]
+    stop = greedy[5]
+    first = greedy.index(stop)
+    stopped = generate(model, [4], 2, 30, Sampling(greedy=True), stop_token=stop)
+    assert stopped == [greedy[: first + 1]] * 2
+
+
+def test_fit_to_context_crops_prompt_from_the_left() -> None:
+    with pytest.warns(UserWarning, match="cropped from the left"):
+        prompt, new = fit_to_context(list(range(100)), 30, 64)
+    assert prompt == list(range(66, 100)) and new == 30
+    with pytest.warns(UserWarning, match="capped"):
+        assert fit_to_context([1], 500, 64) == ([1], 63)
+
+
+def test_text_stream_holds_back_split_characters() -> None:
+    encoding = get_tokenizer("gpt2")
+    text = "naïve café 你好 🙂!"
+    stream = TextStream(encoding.decode_single_token_bytes)
+    pieces = [stream.push(token) for token in encoding.encode_ordinary(text)] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_greedy_tokens_equal_hf_generate(shared_data: Path) -> None:
+    folder = shared_data / "hf_tiny_gpt2"
+    ours, _ = load_model(str(folder))
+    reference = GPT2LMHeadModel.from_pretrained(folder).eval()
+    for prompt in ([5, 12, 7, 3], [42], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]):
+        new = ours.config.block_size - len(prompt)
+        expected = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new,
+                                      min_new_tokens=new, pad_token_id=0)[0, len(prompt):].tolist()
+        assert generate(ours, prompt, 1, new, Sampling(greedy=True)) == [expected]
+
+
+# --- sample.py, end to end ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(folder, GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)), "gpt2")
+    return folder
+
+
+def run_sample(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], input=stdin, capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+
+
+def test_sample_json_is_reproducible_and_decodes(checkpoint: Path) -> None:
+    args = ("-m", str(checkpoint), "--json", "-n", "3", "--max-new-tokens", "12", "--seed", "5", "Hello, I'm a")
+    first, second = run_sample(*args), run_sample(*args)
+    assert first.returncode == 0, first.stderr
+    result = json.loads(first.stdout)
+    assert result == json.loads(second.stdout)
+    assert result["prompt_tokens"] == get_tokenizer("gpt2").encode_ordinary("Hello, I'm a")
+    assert len(result["samples"]) == 3
+    for sample in result["samples"]:
+        assert len(sample["tokens"]) == 12
+        assert sample["text"] == get_tokenizer("gpt2").decode(sample["tokens"])
+
+
+def test_sample_reads_prompt_from_stdin_and_streams_text(checkpoint: Path) -> None:
+    result = run_sample("-m", str(checkpoint), "-n", "2", "--max-new-tokens", "5", "--greedy", stdin="Once upon")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("> Once upon")]
+    assert len(lines) == 2 and lines[0] == lines[1]  # greedy: both samples alike
+
+
+def test_interactive_answers_two_prompts_and_exits_on_eof(checkpoint: Path) -> None:
+    result = run_sample("-m", str(checkpoint), "--interactive", "--max-new-tokens", "4", "--greedy",
+                        stdin="The first prompt\nThe second prompt\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(">>> ") == 3  # two answers, then the prompt that met EOF
+    assert "Traceback" not in result.stderr
+    expected = generate(load_model(str(checkpoint))[0], get_tokenizer("gpt2").encode_ordinary("The second prompt"),
+                        1, 4, Sampling(greedy=True))[0]
+    assert get_tokenizer("gpt2").decode(expected) in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("-m", "./no/such/model", "hi"), "no such file or folder"),
+    (("--top-p", "1.5", "hi"), "top_p must be in (0, 1]"),
+    (("--temperature", "0", "hi"), "temperature must be > 0"),
+])
+def test_sample_bad_input_is_a_clear_error(args: tuple, message: str, checkpoint: Path) -> None:
+    if "-m" not in args:
+        args = ("-m", str(checkpoint), *args)
+    result = run_sample(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
