@@ -32,30 +32,37 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """(B, V) logits -> temperature-scaled logits with filtered-out tokens set to -inf."""
-    logits = logits / sampling.temperature
-    if sampling.top_k is not None and sampling.top_k < logits.size(-1):
-        kth_largest = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+def candidates(logits: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, V) logits -> the temperature-scaled logits of the tokens that may be drawn and their ids.
+
+    With top-k or top-p the result is (B, k) sorted most likely first, with ids (B, k) into the
+    vocabulary and -inf where top-p cut a token; without either it is the (B, V) logits and None.
+    Drawing from k candidates instead of the whole vocabulary also makes sampling much cheaper.
+    """
+    logits = logits.float() / sampling.temperature
+    vocab = logits.size(-1)
+    if sampling.top_k is not None and sampling.top_k < vocab:
+        logits, ids = torch.topk(logits, sampling.top_k, dim=-1)  # sorted, most likely first
+    elif sampling.top_p is not None and sampling.top_p < 1:
+        logits, ids = torch.sort(logits, dim=-1, descending=True)
+    else:
+        return logits, None
     if sampling.top_p is not None and sampling.top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # A token is dropped when the tokens ranked above it already reach top_p on their own;
-        # the most likely token therefore always stays.
+        probs = logits.softmax(dim=-1)
+        # A token is cut when the tokens ranked above it reach top_p on their own: what stays is the
+        # smallest set whose probability reaches top_p (the most likely token always stays).
         mass_above = probs.cumsum(dim=-1) - probs
-        drop_sorted = mass_above >= sampling.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+        logits = logits.masked_fill(mass_above >= sampling.top_p, float("-inf"))
+    return logits, ids
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, V) logits of the last position -> (B,) next token ids, without a host sync."""
     if sampling.greedy:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits.float(), sampling).softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    allowed_logits, ids = candidates(logits, sampling)
+    choice = torch.multinomial(allowed_logits.softmax(dim=-1), num_samples=1, generator=generator)  # (B, 1)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
 def fit_to_context(prompt: list[int], max_new_tokens: int, block_size: int) -> tuple[list[int], int]:

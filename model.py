@@ -103,14 +103,35 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class Linear(nn.Linear):
+    """nn.Linear, with a faster formulation for products of a few rows on the CPU.
+
+    Decoding a batch of samples multiplies a few rows by each weight. CPU BLAS runs x @ W.T with
+    so few rows far below memory bandwidth; the same product as (W @ x.T).T makes the weight the
+    long side of the GEMM and runs 1.5-3x faster (measured on AMD EPYC, bench/bench_sample.py).
+    GPUs are left to cuBLAS, which picks well on its own.
+    """
+
+    SKINNY_ROWS = 64  # measured: faster up to 64 rows, much slower at 128
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.size(-1)
+        if x.device.type != "cpu" or rows > self.SKINNY_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        y = (self.weight @ x.reshape(rows, -1).T).T  # (rows, out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], -1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -138,9 +159,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_width)
+        self.c_fc = Linear(config.n_embd, config.mlp_width)
         self.gelu = nn.GELU(approximate="tanh")  # HF's "gelu_new": the tanh approximation GPT-2 used
-        self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
+        self.c_proj = Linear(config.mlp_width, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +192,7 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
         # GPT-2 paper: scale the residual projections by 1/sqrt(N), N = 2 residual adds per layer.

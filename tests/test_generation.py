@@ -12,7 +12,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from checkpoint import save_checkpoint
-from generation import Sampling, TextStream, filter_logits, fit_to_context, generate
+from generation import Sampling, TextStream, candidates, fit_to_context, generate, sample_next
 from model import GPT, GPTConfig
 from pretrained import load_model
 from tokenizer import get_tokenizer
@@ -64,18 +64,32 @@ def test_top_k_one_equals_greedy() -> None:
 
 
 @pytest.mark.parametrize("top_p, kept", [(0.3, [0]), (0.5, [0]), (0.7, [0, 2]), (0.75, [0, 2]), (0.76, [0, 1, 2]),
-                                         (0.9, [0, 1, 2, 3]), (1.0, [0, 1, 2, 3, 4])])
+                                         (0.9, [0, 1, 2, 3]), (0.99, [0, 1, 2, 3, 4])])
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p: float, kept: list[int]) -> None:
     # Sorted: 0.5, 0.25, 0.125, 0.09375, 0.03125; binary fractions, so the running sums are exact.
     probs = torch.tensor([[0.5, 0.125, 0.25, 0.09375, 0.03125]], dtype=torch.float64)
-    filtered = filter_logits(probs.log(), Sampling(top_p=top_p))
-    assert torch.isfinite(filtered[0]).nonzero().flatten().tolist() == kept
+    logits, ids = candidates(probs.log(), Sampling(top_p=top_p))
+    assert sorted(ids[0][torch.isfinite(logits[0])].tolist()) == kept
 
 
-def test_top_k_keeps_k_tokens() -> None:
+def test_top_k_then_top_p_keep_the_right_tokens() -> None:
     logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5]])
-    filtered = filter_logits(logits, Sampling(top_k=2))
-    assert torch.isfinite(filtered[0]).nonzero().flatten().tolist() == [1, 3]
+    kept_logits, ids = candidates(logits, Sampling(top_k=2, temperature=2.0))
+    assert ids.tolist() == [[1, 3]]
+    torch.testing.assert_close(kept_logits, torch.tensor([[1.5, 1.0]]))
+    kept_logits, ids = candidates(logits, Sampling(top_k=3, top_p=0.5))  # 3.0 alone has p > 0.5
+    assert ids[0][torch.isfinite(kept_logits[0])].tolist() == [1]
+    kept_logits, ids = candidates(logits, Sampling(top_p=1.0))  # no filter: the whole vocabulary
+    assert ids is None and torch.equal(kept_logits, logits)
+
+
+def test_samples_follow_the_candidate_probabilities() -> None:
+    probs = torch.tensor([0.5, 0.125, 0.25, 0.09375, 0.03125])
+    logits = probs.log().expand(20000, -1)
+    draws = sample_next(logits, Sampling(top_p=0.8), torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=5) / draws.numel()
+    expected = torch.tensor([0.5, 0.125, 0.25, 0.0, 0.0]) / 0.875  # renormalised over the kept three
+    torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)
 
 
 def test_padded_vocab_ids_are_never_sampled() -> None:
