@@ -99,8 +99,10 @@ def stream_tokens(model: GPT, prompt: list[int], num_samples: int, max_new_token
     idx = torch.tensor(prompt, dtype=torch.long, device=device).expand(num_samples, -1)  # (B, T)
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        logits, _ = model(idx, kv_cache=cache)  # the prefill at step 0, then (B, 1) per step
-        next_tokens = sample_next(logits[:, -1, :], sampling, generator)  # (B,)
+        # The prefill at step 0, then (B, 1) per step. Only the last position's logits are needed:
+        # running the head on the whole prompt would cost a (T, vocab) matmul for nothing.
+        logits = model.logits(model.hidden_states(idx, kv_cache=cache)[:, -1])  # (B, vocab)
+        next_tokens = sample_next(logits, sampling, generator)  # (B,)
         if stop_token is not None:
             next_tokens = next_tokens.masked_fill(finished, stop_token)
             finished |= next_tokens == stop_token

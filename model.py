@@ -134,20 +134,22 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), S = cached + T
         S = k.size(2)
-        # Three cases: a full causal pass (training, or a prefill into an empty cache) lets SDPA pick
-        # its fused causal kernel; one new token attends to everything cached, so needs no mask; a
-        # chunk after a non-empty cache needs the causal mask shifted by the cached length.
-        mask, is_causal = None, False
-        if S == T:
+        # Four cases: an explicit mask (packed sequences) is used as given; a full causal pass
+        # (training, or a prefill into an empty cache) lets SDPA pick its fused causal kernel; one
+        # new token attends to everything cached, so needs no mask; a chunk after a non-empty cache
+        # needs the causal mask shifted by the cached length.
+        mask, is_causal = attn_mask, False
+        if mask is None and S == T:
             is_causal = T > 1
-        elif T > 1:
+        elif mask is None and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
@@ -176,8 +178,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -209,29 +212,48 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets (B, T), the mean
-        cross-entropy over targets that are not -1. With a cache, idx continues the cached positions."""
-        T = idx.size(1)
-        start = kv_cache.pos if kv_cache is not None else 0
-        limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
-        if start + T > limit:
-            raise ValueError(f"sequence of {start + T} positions exceeds the limit of {limit}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, kv_cache)
-        x = self.transformer.ln_f(x)
-        # Padded vocab rows only exist for matmul speed: cut them off here so that nothing downstream
-        # (loss, sampling, scoring) can ever see them. The slice is a view, not a copy.
-        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab_size)
-        if kv_cache is not None:
-            kv_cache.pos += T
+        cross-entropy over targets that are not -1. See `hidden_states` for the other arguments."""
+        logits = self.logits(self.hidden_states(idx, kv_cache, positions, attn_mask))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+                      positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> the final LayerNorm's output (B, T, C), the input of the head.
+
+        With a cache, idx continues the cached positions. Packed inputs, several sequences sharing
+        one row, pass their own `positions` (B, T) and a boolean `attn_mask` (B, 1, T, T), True
+        where a query may attend to a key; by default positions count up and attention is causal.
+        Callers that need logits at only a few positions apply `logits` to just those rows: the
+        head is the largest single matmul of a small GPT.
+        """
+        T = idx.size(1)
+        if (positions is None) != (attn_mask is None) or (attn_mask is not None and kv_cache is not None):
+            raise ValueError("positions and attn_mask go together, and not with a KV cache")
+        start = kv_cache.pos if kv_cache is not None else 0
+        limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
+        if start + T > limit and positions is None:
+            raise ValueError(f"sequence of {start + T} positions exceeds the limit of {limit}")
+        if positions is None:
+            positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache, attn_mask)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.transformer.ln_f(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., C) hidden states -> (..., vocab_size) logits."""
+        # Padded vocab rows only exist for matmul speed: cut them off here so that nothing downstream
+        # (loss, sampling, scoring) can ever see them. The slice is a view, not a copy.
+        return self.lm_head(hidden)[..., : self.config.vocab_size]
 
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameter count, the tied head counted once (the convention of the GPT-2 size names)."""

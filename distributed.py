@@ -1,0 +1,47 @@
+"""torch.distributed setup for scripts launched with torchrun (or not at all)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from devices import resolve_device
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str = "auto") -> Distributed:
+    """Join the process group when torchrun started us (WORLD_SIZE is set), else run alone.
+
+    Under torchrun each process takes the GPU of its LOCAL_RANK and NCCL, or gloo on the CPU.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        return Distributed(0, 0, 1, resolve_device(device_name))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return Distributed(rank, local_rank, world_size, device)
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,260 @@
+"""Zero-shot multiple-choice evaluation (HellaSwag), shared by hellaswag.py and the training loop.
+
+An example is a context and a few candidate endings; the model's answer is the ending it finds
+most likely. As in build-nanogpt: context tokens = encode(ctx), ending tokens = encode(" " + ending),
+and only the ending tokens are scored. `acc` picks the smallest summed loss, `acc_norm` the smallest
+mean loss per token.
+
+Speed: the context is computed once for all its endings. Each example becomes one packed row,
+context then every ending, where an ending attends to the context and to itself only, its
+positions restarting where the context ends. Rows of similar length are batched together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from errors import UserError
+from model import GPT
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+CACHE_DIR = Path(os.environ.get("GPT2_TOOLKIT_CACHE", Path.home() / ".cache" / "gpt2-toolkit"))
+
+
+@dataclass(frozen=True)
+class Example:
+    index: int  # position in the source file, so that runs can be compared example by example
+    context: list[int]
+    endings: list[list[int]]
+    label: int
+
+
+@dataclass(frozen=True)
+class Result:
+    index: int
+    label: int
+    pred: int  # argmin of the summed ending losses (acc)
+    pred_norm: int  # argmin of the mean ending losses (acc_norm)
+    sum_losses: list[float]
+    mean_losses: list[float]
+
+
+# --- HellaSwag data -----------------------------------------------------------------------------
+
+def hellaswag_file(path: Path | None = None) -> Path:
+    """`path` when given, else the validation set in the cache, downloaded on first use."""
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"HellaSwag file {path} does not exist")
+        return path
+    cached = CACHE_DIR / "hellaswag" / "hellaswag_val.jsonl"
+    if not cached.is_file():
+        download(HELLASWAG_URL, cached)
+    return cached
+
+
+def download(url: str, destination: Path) -> None:
+    """Fetch `url` into `destination` through a temporary file, so that a failed download leaves nothing."""
+    import requests
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".partial")
+    try:
+        with requests.get(url, stream=True, timeout=30) as response:
+            response.raise_for_status()
+            total = int(response.headers.get("content-length", 0)) or None
+            with open(partial, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
+                                                 desc=f"downloading {destination.name}") as bar:
+                for chunk in response.iter_content(chunk_size=1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except requests.RequestException as error:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"cannot download {url} ({type(error).__name__}). Offline, pass a local copy of "
+                        f"hellaswag_val.jsonl with --data PATH, or put it at {destination}") from None
+    partial.rename(destination)
+
+
+def read_hellaswag(path: Path, encoding: tiktoken.Encoding, limit: int | None = None) -> list[Example]:
+    """Tokenized examples of a HellaSwag JSONL file; a malformed line fails naming its number."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if not line.strip():
+                continue
+            ctx, endings, label = _parse_hellaswag_line(line, f"{path}, line {line_number}")
+            examples.append(Example(
+                index=len(examples),
+                context=encoding.encode_ordinary(ctx),
+                endings=[encoding.encode_ordinary(" " + ending) for ending in endings],
+                label=label,
+            ))
+    if not examples:
+        raise UserError(f"{path} holds no examples")
+    return examples
+
+
+def _parse_hellaswag_line(line: str, where: str) -> tuple[str, list[str], int]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{where}: invalid JSON ({error.msg})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    for field in ("ctx", "endings", "label"):
+        if field not in row:
+            raise UserError(f"{where}: missing field {field!r}")
+    ctx, endings, label = row["ctx"], row["endings"], row["label"]
+    if not isinstance(ctx, str) or not ctx:
+        raise UserError(f"{where}: 'ctx' must be a non-empty string")
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) and e for e in endings):
+        raise UserError(f"{where}: 'endings' must be a list of 4 non-empty strings")
+    if isinstance(label, str) and label.isdigit():
+        label = int(label)
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 4:
+        raise UserError(f"{where}: 'label' must be 0, 1, 2 or 3, got {row['label']!r}")
+    return ctx, endings, label
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+def packed_length(example: Example) -> int:
+    return len(example.context) + sum(len(ending) for ending in example.endings)
+
+
+def pack(examples: list[Example], device: torch.device) -> dict[str, torch.Tensor]:
+    """One row per example: context, then each ending (shapes in the comments; T = longest row).
+
+    Returns the model inputs `idx` (B, T), `positions` (B, T) and `attn_mask` (B, 1, T, T), and for
+    every scored token its row, the column whose logits predict it, its id, and which (example,
+    ending) it belongs to. The first token of every ending is predicted from the last context token.
+    """
+    T = max(packed_length(example) for example in examples)
+    B = len(examples)
+    idx = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    segment = torch.full((B, T), -2, dtype=torch.long)  # -1 context, k ending k, -2 padding
+    rows, columns, targets, owners = [], [], [], []
+    for b, example in enumerate(examples):
+        n_ctx = len(example.context)
+        idx[b, :n_ctx] = torch.tensor(example.context)
+        positions[b, :n_ctx] = torch.arange(n_ctx)
+        segment[b, :n_ctx] = -1
+        start = n_ctx
+        for k, ending in enumerate(example.endings):
+            end = start + len(ending)
+            idx[b, start:end] = torch.tensor(ending)
+            positions[b, start:end] = torch.arange(n_ctx, n_ctx + len(ending))
+            segment[b, start:end] = k
+            predictors = [n_ctx - 1, *range(start, end - 1)]  # the column before each ending token
+            rows += [b] * len(ending)
+            columns += predictors
+            targets += ending
+            owners += [b * len(example.endings) + k] * len(ending)
+            start = end
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    same_segment = segment.unsqueeze(2) == segment.unsqueeze(1)  # (B, T, T)
+    key_is_context = (segment == -1).unsqueeze(1)  # (B, 1, T)
+    attn_mask = causal & (same_segment | key_is_context)  # padding attends to itself: no empty rows
+    tensors = dict(idx=idx, positions=positions, attn_mask=attn_mask.unsqueeze(1), rows=torch.tensor(rows),
+                   columns=torch.tensor(columns), targets=torch.tensor(targets), owners=torch.tensor(owners))
+    return {name: tensor.to(device) for name, tensor in tensors.items()}
+
+
+@torch.inference_mode()
+def score_batch(model: GPT, examples: list[Example]) -> list[Result]:
+    """Results for a batch of examples, in one forward pass."""
+    device = model.transformer.wte.weight.device
+    n_endings = len(examples[0].endings)
+    if any(len(example.endings) != n_endings for example in examples):
+        raise ValueError("all examples of a batch must have the same number of endings")
+    batch = pack(examples, device)
+    hidden = model.hidden_states(batch["idx"], positions=batch["positions"], attn_mask=batch["attn_mask"])
+    scored = model.logits(hidden[batch["rows"], batch["columns"]]).float()  # (tokens, vocab): only what is scored
+    token_losses = F.cross_entropy(scored, batch["targets"], reduction="none")
+    n = len(examples) * n_endings
+    sums = torch.zeros(n, device=device).index_add_(0, batch["owners"], token_losses)
+    counts = torch.zeros(n, device=device).index_add_(0, batch["owners"], torch.ones_like(token_losses))
+    sums, means = sums.view(-1, n_endings), (sums / counts).view(-1, n_endings)
+    preds, preds_norm = sums.argmin(dim=1).tolist(), means.argmin(dim=1).tolist()
+    sums, means = sums.tolist(), means.tolist()
+    return [Result(example.index, example.label, preds[i], preds_norm[i], sums[i], means[i])
+            for i, example in enumerate(examples)]
+
+
+def batches_by_length(examples: list[Example], batch_size: int) -> Iterator[list[Example]]:
+    """Batches of examples of similar packed length, so that little compute goes to padding."""
+    ordered = sorted(examples, key=packed_length, reverse=True)  # the largest batch first: OOM early
+    for start in range(0, len(ordered), batch_size):
+        yield ordered[start : start + batch_size]
+
+
+def check_fits(model: GPT, examples: list[Example]) -> None:
+    """Fail clearly, before any compute, on an example the model cannot score."""
+    for example in examples:
+        longest = len(example.context) + max(len(ending) for ending in example.endings)
+        if longest > model.config.block_size:
+            raise UserError(f"example {example.index} needs {longest} positions; the model's block_size is "
+                            f"{model.config.block_size}")
+        largest_id = max(example.context + [token for ending in example.endings for token in ending])
+        if largest_id >= model.config.vocab_size:
+            raise UserError(f"example {example.index} has token id {largest_id}, beyond the model's vocabulary "
+                            f"of {model.config.vocab_size}: is it the model's tokenizer?")
+
+
+def evaluate(model: GPT, examples: list[Example], batch_size: int = 16, progress: bool = True,
+             desc: str = "hellaswag") -> list[Result]:
+    """Score this process's share of `examples`: all of them alone, every world_size-th one under
+    torch.distributed. Results come back in example order; `gather_results` collects all ranks'."""
+    check_fits(model, examples)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = examples[rank::world_size]
+    results: list[Result] = []
+    correct = correct_norm = 0
+    with tqdm(total=len(mine), desc=desc, unit="ex", disable=not progress or rank != 0, leave=False) as bar:
+        for batch in batches_by_length(mine, batch_size):
+            batch_results = score_batch(model, batch)
+            results += batch_results
+            correct += sum(r.pred == r.label for r in batch_results)
+            correct_norm += sum(r.pred_norm == r.label for r in batch_results)
+            bar.update(len(batch))
+            bar.set_postfix(acc=f"{correct / len(results):.4f}", acc_norm=f"{correct_norm / len(results):.4f}")
+    return sorted(results, key=lambda r: r.index)
+
+
+def gather_results(results: list[Result]) -> list[Result]:
+    """Every rank's results, in example order, on every rank (a no-op without torch.distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return results
+    everyone: list[list[Result] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, results)
+    return sorted((r for rank_results in everyone for r in rank_results), key=lambda r: r.index)
+
+
+def summarize(results: list[Result]) -> dict[str, float | int]:
+    n = len(results)
+    return {
+        "acc": sum(r.pred == r.label for r in results) / n,
+        "acc_norm": sum(r.pred_norm == r.label for r in results) / n,
+        "n": n,
+    }
+
+
+def write_results(results: list[Result], path: Path) -> None:
+    """Per-example results as JSONL, one object per line, for comparing runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for result in results:
+            f.write(json.dumps(asdict(result)) + "\n")

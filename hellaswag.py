@@ -1,0 +1,73 @@
+"""Zero-shot HellaSwag accuracy of any model spec, as build-nanogpt measures it.
+
+    python hellaswag.py -m gpt2                       # downloads hellaswag_val.jsonl on first use
+    python hellaswag.py -m log/model_19072 --dtype bfloat16 --output log/hellaswag.jsonl
+    torchrun --nproc_per_node=8 hellaswag.py -m gpt2-xl
+
+acc scores an ending by its summed token loss, acc_norm by its mean token loss; see evaluation.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from devices import resolve_dtype
+from distributed import close_distributed, init_distributed
+from errors import exit_on_user_error
+from evaluation import evaluate, gather_results, hellaswag_file, read_hellaswag, summarize, write_results
+from pretrained import load_model
+from tokenizer import get_tokenizer
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-m", "--model", default="gpt2", help="our checkpoint folder, an HF folder, or an HF hub "
+                                                              "name (default: gpt2)")
+    parser.add_argument("--data", type=Path, help="a local hellaswag_val.jsonl (default: download it into the "
+                                                  "cache, ~/.cache/gpt2-toolkit or $GPT2_TOOLKIT_CACHE)")
+    parser.add_argument("--limit", type=int, help="score only the first N examples")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default: 16)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, mps, or auto (default)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto: bfloat16 on GPUs "
+                                                        "that have it, else float32")
+    parser.add_argument("--output", type=Path, help="write per-example results to this JSONL file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args()
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--batch-size and --limit must be >= 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    distributed = init_distributed(args.device)
+    try:
+        model, tokenizer = load_model(args.model, device=distributed.device,
+                                      dtype=resolve_dtype(args.dtype, distributed.device))
+        encoding = get_tokenizer(tokenizer)
+        path = hellaswag_file(args.data) if distributed.is_main else None
+        if distributed.world_size > 1:  # only rank 0 downloads; the others wait, then read its file
+            import torch.distributed as dist
+
+            shared = [path]
+            dist.broadcast_object_list(shared, src=0)
+            path = shared[0]
+        examples = read_hellaswag(path, encoding, limit=args.limit)
+        start = time.perf_counter()
+        results = gather_results(evaluate(model, examples, args.batch_size, progress=not args.no_progress))
+        elapsed = time.perf_counter() - start
+        if distributed.is_main:
+            summary = summarize(results)
+            if args.output:
+                write_results(results, args.output)
+            print(json.dumps({"model": args.model, **summary, "seconds": round(elapsed, 2),
+                              "examples_per_second": round(summary["n"] / elapsed, 2)}))
+    finally:
+        close_distributed()
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)

@@ -1,0 +1,144 @@
+"""evaluation.py and hellaswag.py against the plain one-example-per-forward reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import save_checkpoint
+from errors import UserError
+from evaluation import Example, evaluate, read_hellaswag, summarize
+from hf import export_hf
+from model import GPT, GPTConfig
+from pretrained import load_model
+from tests.hellaswag_reference import reference_scores
+from tokenizer import get_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_VOCAB = 1024
+
+
+def random_model(vocab_size: int, block_size: int = 256) -> GPT:
+    torch.manual_seed(11)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=4, n_embd=64)).eval()
+    with torch.no_grad():  # weights well away from GPT-2's init, so the four endings' losses differ
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hellaswag_path(shared_data: Path) -> Path:
+    return shared_data / "hellaswag" / "hellaswag_val_1000.jsonl"
+
+
+@pytest.fixture(scope="module")
+def examples(hellaswag_path: Path) -> list[Example]:
+    """All 1000 shared examples, tokenized with GPT-2's BPE and then folded into a 1024-token
+    vocabulary: the scoring is vocabulary-agnostic, and a 50257-way head would make the four
+    full passes below cost minutes of CPU instead of seconds."""
+    real = read_hellaswag(hellaswag_path, get_tokenizer("gpt2"))
+    assert len(real) == 1000
+    fold = lambda tokens: [t % SMALL_VOCAB for t in tokens]  # noqa: E731
+    return [dataclasses.replace(e, context=fold(e.context), endings=[fold(x) for x in e.endings]) for e in real]
+
+
+@pytest.fixture(scope="module")
+def reference(examples: list[Example]) -> list[tuple]:
+    model = random_model(SMALL_VOCAB)
+    return [reference_scores(model, example) for example in examples]
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 32])
+def test_predictions_equal_the_plain_reference(batch_size: int, examples: list[Example], reference: list) -> None:
+    results = evaluate(random_model(SMALL_VOCAB), examples, batch_size=batch_size, progress=False)
+    assert [r.index for r in results] == list(range(1000))
+    for result, (pred, pred_norm, sum_losses, mean_losses) in zip(results, reference, strict=True):
+        assert (result.pred, result.pred_norm) == (pred, pred_norm), f"example {result.index}"
+        assert result.sum_losses == pytest.approx(sum_losses, rel=1e-4)
+        assert result.mean_losses == pytest.approx(mean_losses, rel=1e-4)
+    preds = {r.pred for r in results}
+    assert len(preds) > 1  # a scorer stuck on one answer would pass the checks above only by luck
+
+
+def test_hf_folder_and_our_checkpoint_score_the_same(tmp_path: Path, hellaswag_path: Path) -> None:
+    model = random_model(50257)
+    save_checkpoint(tmp_path / "ours", model, "gpt2")
+    export_hf(model, tmp_path / "hf")
+    examples = read_hellaswag(hellaswag_path, get_tokenizer("gpt2"), limit=40)
+    ours = evaluate(load_model(str(tmp_path / "ours"))[0], examples, batch_size=8, progress=False)
+    theirs = evaluate(load_model(str(tmp_path / "hf"))[0], examples, batch_size=8, progress=False)
+    assert [(r.pred, r.pred_norm) for r in ours] == [(r.pred, r.pred_norm) for r in theirs]
+    for mine, hf_result in zip(ours, theirs, strict=True):
+        assert mine.sum_losses == pytest.approx(hf_result.sum_losses, rel=1e-5)
+
+
+def test_summary_counts() -> None:
+    results = evaluate(random_model(64, 32), [Example(i, [1, 2, 3], [[4], [5, 6], [7], [8, 9, 10]], label=i % 4)
+                                               for i in range(8)], progress=False)
+    summary = summarize(results)
+    assert summary["n"] == 8
+    assert summary["acc"] == sum(r.pred == r.label for r in results) / 8
+    assert summary["acc_norm"] == sum(r.pred_norm == r.label for r in results) / 8
+
+
+GOOD = {"ctx": "A man is", "endings": ["a", "b", "c", "d"], "label": 1}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "line 2: invalid JSON"),
+    (json.dumps({k: v for k, v in GOOD.items() if k != "ctx"}), "line 2: missing field 'ctx'"),
+    (json.dumps({**GOOD, "endings": ["a", "b", "c"]}), "line 2: 'endings' must be a list of 4"),
+    (json.dumps({**GOOD, "label": 4}), "line 2: 'label' must be 0, 1, 2 or 3"),
+])
+def test_bad_data_names_the_line(line: str, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + line + "\n")
+    with pytest.raises(UserError, match=message):
+        read_hellaswag(path, get_tokenizer("gpt2"))
+
+
+# --- hellaswag.py, end to end --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("hellaswag") / "ckpt"
+    save_checkpoint(folder, random_model(50257), "gpt2")
+    return folder
+
+
+def run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GPT2_TOOLKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+
+def test_two_ranks_give_the_same_totals_as_one(checkpoint: Path, hellaswag_path: Path, tmp_path: Path) -> None:
+    args = ["hellaswag.py", "-m", str(checkpoint), "--data", str(hellaswag_path), "--limit", "60", "--no-progress"]
+    single = run([sys.executable, *args, "--output", str(tmp_path / "one.jsonl")], tmp_path)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    double = run([*torchrun, *args, "--output", str(tmp_path / "two.jsonl")], tmp_path)
+    assert double.returncode == 0, double.stderr
+    one, two = json.loads(single.stdout), json.loads(double.stdout)
+    assert one["n"] == two["n"] == 60
+    assert (one["acc"], one["acc_norm"]) == (two["acc"], two["acc_norm"])
+    per_example_one = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    per_example_two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in per_example_two] == list(range(60))
+    assert [(r["pred"], r["pred_norm"]) for r in per_example_one] == [
+        (r["pred"], r["pred_norm"]) for r in per_example_two]
+
+
+def test_offline_without_data_is_a_clear_error(checkpoint: Path, tmp_path: Path) -> None:
+    result = run([sys.executable, "hellaswag.py", "-m", str(checkpoint), "--limit", "5"], tmp_path)
+    assert result.returncode == 2
+    assert "cannot download" in result.stderr and "--data PATH" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "cache").rglob("*.jsonl*"))  # no partial file left behind
