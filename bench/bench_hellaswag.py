@@ -1,0 +1,70 @@
+"""HellaSwag examples per second of evaluation.py against the one-example-per-forward reference.
+
+    python bench/bench_hellaswag.py [--limit 1000] [--batch-size 16] [--device cpu]
+
+The GPT-2 124M config with random weights, on the 1000 shared HellaSwag examples
+(../shared/data/hellaswag/hellaswag_val_1000.jsonl): our scorer in float32 and in bfloat16,
+and the plain reference (tests/hellaswag_reference.py: one example per forward pass, build-nanogpt's
+method) in float32 on the same weights, in the same run. Float32 predictions must be identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.hardware import describe_hardware
+from devices import resolve_device
+from evaluation import evaluate, read_hellaswag
+from model import GPT, GPTConfig
+from tests.hellaswag_reference import reference_scores
+from tokenizer import get_tokenizer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hellaswag" / "hellaswag_val_1000.jsonl"
+
+
+def timed(run: Callable[[], object]) -> tuple[object, float]:
+    start = time.perf_counter()
+    result = run()
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--limit", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    examples = read_hellaswag(args.data, get_tokenizer("gpt2"), limit=args.limit)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig()).to(device).eval()
+
+    print(describe_hardware())
+    print(f"GPT-2 124M (random weights) on {device}, {len(examples)} HellaSwag examples, batch size {args.batch_size}")
+    evaluate(model, examples[: args.batch_size], args.batch_size, progress=False)  # warm-up
+    ours, ours_seconds = timed(lambda: evaluate(model, examples, args.batch_size, progress=False))
+    reference, reference_seconds = timed(lambda: [reference_scores(model, example) for example in examples])
+    model_bf16 = model.to(torch.bfloat16)
+    ours_bf16, bf16_seconds = timed(lambda: evaluate(model_bf16, examples, args.batch_size, progress=False))
+
+    n = len(examples)
+    fp32_mismatches = sum((r.pred, r.pred_norm) != ref[:2] for r, ref in zip(ours, reference, strict=True))
+    bf16_mismatches = sum((r.pred, r.pred_norm) != ref[:2] for r, ref in zip(ours_bf16, reference, strict=True))
+    print(f"reference, float32  {n / reference_seconds:7.2f} examples/s")
+    print(f"ours, float32       {n / ours_seconds:7.2f} examples/s   {reference_seconds / ours_seconds:5.2f}x "
+          f"the reference, {fp32_mismatches} of {n} predictions differ")
+    print(f"ours, bfloat16      {n / bf16_seconds:7.2f} examples/s   {reference_seconds / bf16_seconds:5.2f}x "
+          f"the reference, {bf16_mismatches} of {n} predictions differ (bfloat16 rounding: need not be 0)")
+    print("goal: at least 4x the reference in the best mode, with identical float32 predictions")
+
+
+if __name__ == "__main__":
+    main()
