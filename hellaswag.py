@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+
 from devices import resolve_dtype
 from distributed import close_distributed, init_distributed
 from errors import exit_on_user_error
@@ -50,8 +52,6 @@ def main() -> None:
         encoding = get_tokenizer(tokenizer)
         path = hellaswag_file(args.data) if distributed.is_main else None
         if distributed.world_size > 1:  # only rank 0 downloads; the others wait, then read its file
-            import torch.distributed as dist
-
             shared = [path]
             dist.broadcast_object_list(shared, src=0)
             path = shared[0]
