@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from errors import UserError
+from errors import UserError, first_line
 from model import GPT, GPTConfig
 
 FORMAT = "gpt2-toolkit-checkpoint"
@@ -99,8 +99,7 @@ def read_tensor_file(path: Path | str) -> dict[str, Any]:
         # containers, i.e. one that would run code. mmap saves a second copy of large files.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"refusing to load {path}: not a plain tensor pickle ({reason}). "
+        raise UserError(f"refusing to load {path}: not a plain tensor pickle ({first_line(error)}). "
                         "Only safetensors and weights-only pickles are accepted.") from None
 
 

@@ -15,6 +15,12 @@ class UserError(Exception):
     """A problem with the user's input that deserves a one-line message."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (or its type's name), for a one-line report."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def exit_on_user_error(main: Callable[[], object]) -> None:
     """Run a script's `main`, turning a `UserError` (or Ctrl-C) into a clean exit."""
     prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "gpt2"

@@ -8,15 +8,14 @@ is the transpose of an `nn.Linear` weight; everything else maps one to one.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import torch
 from safetensors.torch import save_file
 
 from checkpoint import read_tensor_file
-from errors import UserError
+from errors import UserError, first_line
+from hub import require_hub_reachable
 from model import GPT, GPTConfig, normalize_state_dict_keys
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -167,28 +166,13 @@ def download_hf_model(name: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=safetensors_only, local_files_only=True))
     except LocalEntryNotFoundError:
         pass
-    _require_hub_reachable(repo_id)
+    require_hub_reachable(repr(repo_id), advice=(
+        "Offline, pass a local folder instead: an HF folder with config.json and model.safetensors "
+        "(as written by save_pretrained or export_hf.py), or one of our checkpoints."))
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=safetensors_only))
         if not any((folder / weights).exists() for weights in WEIGHT_FILES):  # an old repo with pickles only
             folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model*.bin*"]))
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot fetch {repo_id!r} from the Hugging Face hub: {reason}") from None
+        raise UserError(f"cannot fetch {repo_id!r} from the Hugging Face hub: {first_line(error)}") from None
     return folder
-
-
-def _require_hub_reachable(repo_id: str) -> None:
-    """Fail in seconds, with advice, where huggingface_hub would retry for half a minute."""
-    from huggingface_hub import constants
-
-    url = urlsplit(constants.ENDPOINT)
-    advice = ("Offline, pass a local folder instead: an HF folder with config.json and model.safetensors "
-              "(as written by save_pretrained or export_hf.py), or one of our checkpoints.")
-    if constants.HF_HUB_OFFLINE:
-        raise UserError(f"{repo_id!r} is not in the HF cache and HF_HUB_OFFLINE is set. {advice}")
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=10).close()
-    except OSError as error:
-        raise UserError(f"cannot reach the Hugging Face hub at {url.hostname} to fetch {repo_id!r} "
-                        f"({error}). {advice}") from None
