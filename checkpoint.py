@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +75,14 @@ def read_meta(folder: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise UserError(f"cannot read {path}: {error}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise UserError(f"{path} is not a checkpoint's meta.json: expected an object with a 'config' object")
     if meta.get("format") != FORMAT:
         raise UserError(f"{path} is not a {FORMAT} file (format: {meta.get('format')!r})")
     if meta.get("version", 0) > VERSION:
         raise UserError(f"{path} has version {meta['version']}; this code reads up to {VERSION}: update it")
-    for key in ("config", "tokenizer"):
-        if key not in meta:
-            raise UserError(f"{path} lacks {key!r}")
+    if not isinstance(meta.get("tokenizer"), str):
+        raise UserError(f"{path} lacks the name of its tokenizer")
     return meta
 
 
@@ -96,8 +98,9 @@ def read_tensor_file(path: Path | str) -> dict[str, Any]:
             raise UserError(f"cannot read {path}: {error}") from None
     try:
         # weights_only=True refuses any pickle that would build more than tensors and plain
-        # containers, i.e. one that would run code. mmap saves a second copy of large files.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # containers, i.e. one that would run code. mmap saves a second copy of large files, but
+        # only torch's zip format (torch >= 1.6) supports it; older files are read whole.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:
         raise UserError(f"refusing to load {path}: not a plain tensor pickle ({first_line(error)}). "
                         "Only safetensors and weights-only pickles are accepted.") from None

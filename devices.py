@@ -23,16 +23,19 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise UserError(f"bad device {name!r}: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested, but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} requested, but this machine has {torch.cuda.device_count()} GPU(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device {name!r} requested, but MPS is not available on this machine")
     return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on GPUs that support it and float32 everywhere else (CPU kernels for
+    """`auto` is bfloat16 on GPUs with native support and float32 everywhere else (CPU kernels for
     bfloat16 are slow on most processors, and float16 needs loss scaling to train)."""
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        # Native bfloat16 arrived with Ampere (compute capability 8); older GPUs only emulate it, slowly.
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:

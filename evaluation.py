@@ -82,6 +82,14 @@ def download(url: str, destination: Path) -> None:
         partial.unlink(missing_ok=True)
         raise UserError(f"cannot download {url} ({type(error).__name__}). Offline, pass a local copy of "
                         f"hellaswag_val.jsonl with --data PATH, or put it at {destination}") from None
+    with open(partial, encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    try:
+        json.loads(first)["endings"]
+    except (json.JSONDecodeError, KeyError, TypeError):  # e.g. a proxy's HTML page, served with status 200
+        partial.unlink()
+        raise UserError(f"{url} did not return HellaSwag JSONL (it starts {first[:60]!r}); "
+                        "download it yourself and pass --data PATH") from None
     partial.rename(destination)
 
 
@@ -176,7 +184,7 @@ def pack(examples: list[Example], device: torch.device) -> dict[str, torch.Tenso
 @torch.inference_mode()
 def score_batch(model: GPT, examples: list[Example]) -> list[Result]:
     """Results for a batch of examples, in one forward pass."""
-    device = model.transformer.wte.weight.device
+    device = model.device
     n_endings = len(examples[0].endings)
     if any(len(example.endings) != n_endings for example in examples):
         raise ValueError("all examples of a batch must have the same number of endings")
@@ -216,14 +224,15 @@ def check_fits(model: GPT, examples: list[Example]) -> None:
 
 def evaluate(model: GPT, examples: list[Example], batch_size: int = 16, progress: bool = True,
              desc: str = "hellaswag") -> list[Result]:
-    """Score this process's share of `examples`: all of them alone, every world_size-th one under
-    torch.distributed. Results come back in example order; `gather_results` collects all ranks'."""
+    """Score this process's share of `examples` (in eval mode): all of them alone, every world_size-th
+    one under torch.distributed. Results come back in example order; `gather_results` collects all ranks'."""
     check_fits(model, examples)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = examples[rank::world_size]
     results: list[Result] = []
     correct = correct_norm = 0
-    with tqdm(total=len(mine), desc=desc, unit="ex", disable=not progress or rank != 0, leave=False) as bar:
+    with (tqdm(total=len(mine), desc=desc, unit="ex", disable=not progress or rank != 0, leave=False) as bar,
+          model.evaluating()):
         for batch in batches_by_length(mine, batch_size):
             batch_results = score_batch(model, batch)
             results += batch_results

@@ -20,12 +20,15 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="folder to write config.json and model.safetensors into")
     parser.add_argument("--force", action="store_true", help="overwrite files already in OUT")
     args = parser.parse_args()
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"{args.out} is a file, not a folder")
     if args.out.exists() and any(args.out.iterdir()) and not args.force:
         raise UserError(f"{args.out} is not empty; pass --force to overwrite")
     model, tokenizer = load_model(args.model)
     if tokenizer != "gpt2":
-        print(f"note: this model uses the {tokenizer} tokenizer; HF's GPT-2 tokenizer files do not match it")
-    export_hf(model, args.out)
+        print(f"note: this model uses the {tokenizer} tokenizer, recorded in config.json; HF's GPT-2 "
+              "tokenizer files do not fit it")
+    export_hf(model, args.out, tokenizer)
     print(f"wrote {args.out}/config.json and model.safetensors ({model.num_params():,} parameters)")
 
 

@@ -24,7 +24,7 @@ class Sampling:
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
+        if self.temperature <= 0 and not self.greedy:
             raise ValueError(f"temperature must be > 0 (use greedy decoding for 0), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
@@ -66,12 +66,14 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
 
 
 def fit_to_context(prompt: list[int], max_new_tokens: int, block_size: int) -> tuple[list[int], int]:
-    """Crop the prompt from the left and cap the new tokens so that both fit in block_size."""
-    if max_new_tokens >= block_size:
-        warnings.warn(f"max_new_tokens {max_new_tokens} capped to {block_size - 1} (block_size {block_size})",
-                      stacklevel=2)
-        max_new_tokens = block_size - 1
-    room = block_size - max_new_tokens
+    """Crop the prompt from the left and cap the new tokens so that both fit in block_size.
+
+    The last new token is never fed back, so the model sees len(prompt) + max_new_tokens - 1 positions.
+    """
+    if max_new_tokens > block_size:
+        warnings.warn(f"max_new_tokens {max_new_tokens} capped to block_size {block_size}", stacklevel=2)
+        max_new_tokens = block_size
+    room = block_size - max_new_tokens + 1
     if len(prompt) > room:
         warnings.warn(f"prompt of {len(prompt)} tokens cropped from the left to its last {room}, so that "
                       f"{max_new_tokens} new tokens fit in block_size {block_size}", stacklevel=2)
@@ -82,7 +84,7 @@ def fit_to_context(prompt: list[int], max_new_tokens: int, block_size: int) -> t
 @torch.inference_mode()
 def stream_tokens(model: GPT, prompt: list[int], num_samples: int, max_new_tokens: int, sampling: Sampling,
                   generator: torch.Generator | None = None, stop_token: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield the (num_samples,) next tokens at each step, on the model's device.
+    """Yield the (num_samples,) next tokens at each step, on the model's device, in eval mode.
 
     The prompt must fit with the new tokens in block_size (see `fit_to_context`); it must not be
     empty (start from <|endoftext|> for unconditional samples). With `stop_token`, generation ends
@@ -90,27 +92,33 @@ def stream_tokens(model: GPT, prompt: list[int], num_samples: int, max_new_token
     """
     if not prompt:
         raise ValueError("empty prompt: start from the <|endoftext|> token for unconditional samples")
-    if len(prompt) + max_new_tokens > model.config.block_size:
+    if max_new_tokens < 1:
+        return
+    positions = len(prompt) + max_new_tokens - 1  # the last new token is never fed back
+    if positions > model.config.block_size:
         raise ValueError(f"{len(prompt)} prompt + {max_new_tokens} new tokens exceed block_size "
                          f"{model.config.block_size}; see fit_to_context")
-    device = model.transformer.wte.weight.device
-    dtype = model.transformer.wte.weight.dtype
-    cache = KVCache(model.config, num_samples, len(prompt) + max_new_tokens, device=device, dtype=dtype)
-    idx = torch.tensor(prompt, dtype=torch.long, device=device).expand(num_samples, -1)  # (B, T)
+    device = model.device
+    cache = KVCache(model.config, num_samples, positions, device=device, dtype=model.transformer.wte.weight.dtype)
+    # The prompt is the same for every sample: prefill it once, at batch 1; KVCache.update copies
+    # its keys and values into every row, and its logits serve every sample's first draw.
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        # The prefill at step 0, then (B, 1) per step. Only the last position's logits are needed:
-        # running the head on the whole prompt would cost a (T, vocab) matmul for nothing.
-        logits = model.logits(model.hidden_states(idx, kv_cache=cache)[:, -1])  # (B, vocab)
-        next_tokens = sample_next(logits, sampling, generator)  # (B,)
-        if stop_token is not None:
-            next_tokens = next_tokens.masked_fill(finished, stop_token)
-            finished |= next_tokens == stop_token
-        yield next_tokens
-        # One host sync every 16 steps is cheap; one per step would stall a GPU pipeline.
-        if stop_token is not None and step % 16 == 15 and bool(finished.all()):
-            return
-        idx = next_tokens.unsqueeze(1)  # (B, 1)
+    with model.evaluating():
+        for step in range(max_new_tokens):
+            # Only the last position's logits are needed: running the head on the whole prompt
+            # would cost a (T, vocab) matmul for nothing.
+            logits = model.logits(model.hidden_states(idx, kv_cache=cache)[:, -1])  # (1 or B, vocab)
+            next_tokens = sample_next(logits.expand(num_samples, -1), sampling, generator)  # (B,)
+            if stop_token is not None:
+                next_tokens = next_tokens.masked_fill(finished, stop_token)
+                finished |= next_tokens == stop_token
+            yield next_tokens
+            # One host sync every 16 steps is cheap; one per step would stall a GPU pipeline.
+            if stop_token is not None and step % 16 == 15 and bool(finished.all()):
+                return
+            if step + 1 < max_new_tokens:
+                idx = next_tokens.unsqueeze(1)  # (B, 1)
 
 
 def generate(model: GPT, prompt: list[int], num_samples: int, max_new_tokens: int, sampling: Sampling,

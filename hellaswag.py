@@ -18,29 +18,42 @@ import torch.distributed as dist
 
 from devices import resolve_dtype
 from distributed import close_distributed, init_distributed
-from errors import exit_on_user_error
+from errors import UserError, exit_on_user_error
 from evaluation import evaluate, gather_results, hellaswag_file, read_hellaswag, summarize, write_results
-from pretrained import load_model
+from pretrained import add_model_arguments, load_model
 from tokenizer import get_tokenizer
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-m", "--model", default="gpt2", help="our checkpoint folder, an HF folder, or an HF hub "
-                                                              "name (default: gpt2)")
+    add_model_arguments(parser)
     parser.add_argument("--data", type=Path, help="a local hellaswag_val.jsonl (default: download it into the "
                                                   "cache, ~/.cache/gpt2-toolkit or $GPT2_TOOLKIT_CACHE)")
     parser.add_argument("--limit", type=int, help="score only the first N examples")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default: 16)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, mps, or auto (default)")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto: bfloat16 on GPUs "
-                                                        "that have it, else float32")
     parser.add_argument("--output", type=Path, help="write per-example results to this JSONL file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be >= 1")
     return args
+
+
+def data_file(path: Path | None, world_size: int) -> Path:
+    """The HellaSwag file, downloaded by rank 0 alone; its failure ends every rank with the same message."""
+    if world_size == 1:
+        return hellaswag_file(path)
+    found, failure = None, None
+    if dist.get_rank() == 0:
+        try:
+            found = hellaswag_file(path)
+        except UserError as error:
+            failure = str(error)
+    shared = [found, failure]
+    dist.broadcast_object_list(shared, src=0)  # the other ranks wait here for rank 0's answer
+    if shared[1] is not None:
+        raise UserError(shared[1])
+    return shared[0]
 
 
 def main() -> None:
@@ -50,11 +63,7 @@ def main() -> None:
         model, tokenizer = load_model(args.model, device=distributed.device,
                                       dtype=resolve_dtype(args.dtype, distributed.device))
         encoding = get_tokenizer(tokenizer)
-        path = hellaswag_file(args.data) if distributed.is_main else None
-        if distributed.world_size > 1:  # only rank 0 downloads; the others wait, then read its file
-            shared = [path]
-            dist.broadcast_object_list(shared, src=0)
-            path = shared[0]
+        path = data_file(args.data, distributed.world_size)
         examples = read_hellaswag(path, encoding, limit=args.limit)
         start = time.perf_counter()
         results = gather_results(evaluate(model, examples, args.batch_size, progress=not args.no_progress))

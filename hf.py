@@ -17,9 +17,13 @@ from checkpoint import read_tensor_file
 from errors import UserError, first_line
 from hub import require_hub_reachable
 from model import GPT, GPTConfig, normalize_state_dict_keys
+from tokenizer import get_tokenizer
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-TOKENIZER = "gpt2"  # every HF GPT-2 checkpoint we load uses the GPT-2 BPE
+# HF configs have no field for a tiktoken encoding: we add this key on export, and a folder without
+# it is an ordinary HF GPT-2, whose tokenizer is GPT-2's BPE.
+TOKENIZER_KEY = "gpt2_toolkit_tokenizer"
+DEFAULT_TOKENIZER = "gpt2"
 HUB_ALIASES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 # Weight files in the order we look for them: safetensors first (no pickle), then pickles.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -64,8 +68,9 @@ def config_from_hf(hf_config: dict) -> GPTConfig:
         raise UserError(f"HF config lacks {missing}") from None
 
 
-def config_to_hf(config: GPTConfig) -> dict:
+def config_to_hf(config: GPTConfig, tokenizer: str = DEFAULT_TOKENIZER) -> dict:
     """An HF `config.json` dict for our config (padded vocab rows are not exported)."""
+    eot = get_tokenizer(tokenizer).eot_token
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -84,8 +89,9 @@ def config_to_hf(config: GPTConfig) -> dict:
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": True,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        TOKENIZER_KEY: tokenizer,
     }
 
 
@@ -110,8 +116,8 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     return hf
 
 
-def load_hf_folder(folder: Path | str) -> GPT:
-    """Our model from an HF GPT-2 folder (config.json + weights), in fp32 on the CPU."""
+def load_hf_folder(folder: Path | str) -> tuple[GPT, str]:
+    """Our model (fp32, CPU) from an HF GPT-2 folder (config.json + weights), and its tokenizer's name."""
     folder = Path(folder)
     config_path = folder / "config.json"
     try:
@@ -124,7 +130,7 @@ def load_hf_folder(folder: Path | str) -> GPT:
         model = GPT.from_state_dict(config, state_dict_from_hf(hf_state_dict))
     except UserError as error:
         raise UserError(f"{folder}: {error}") from None
-    return model.float()
+    return model.float(), hf_config.get(TOKENIZER_KEY, DEFAULT_TOKENIZER)
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -133,11 +139,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         path = folder / name
         if not path.exists():
             continue
-        if name.endswith(".index.json"):
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-            paths = [folder / shard for shard in shards]
-        else:
-            paths = [path]
+        paths = [folder / shard for shard in shard_names(path)] if name.endswith(".index.json") else [path]
         state_dict = {}
         for shard in paths:
             state_dict.update(read_tensor_file(shard))
@@ -145,12 +147,21 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise UserError(f"{folder} has no weights (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def export_hf(model: GPT, folder: Path | str) -> Path:
-    """Write `model` as an HF folder that `GPT2LMHeadModel.from_pretrained(folder)` loads."""
+def shard_names(index_path: Path) -> list[str]:
+    """The weight files that a sharded checkpoint's `*.index.json` lists."""
+    try:
+        return sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+    except (OSError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as error:
+        raise UserError(f"cannot read the shard index {index_path}: {first_line(error)}") from None
+
+
+def export_hf(model: GPT, folder: Path | str, tokenizer: str = DEFAULT_TOKENIZER) -> Path:
+    """Write `model` as an HF folder that `GPT2LMHeadModel.from_pretrained(folder)` loads; the
+    tokenizer's name is kept in config.json so that `load_hf_folder` pairs them again."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state_dict_to_hf(model), folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(config_to_hf(model.config, tokenizer), indent=2) + "\n")
     return folder
 
 
@@ -163,7 +174,9 @@ def download_hf_model(name: str) -> Path:
     repo_id = HUB_ALIASES.get(name, name)
     safetensors_only = ["config.json", "*.safetensors", "*.safetensors.index.json"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=safetensors_only, local_files_only=True))
+        cached = Path(snapshot_download(repo_id, allow_patterns=safetensors_only, local_files_only=True))
+        if _has_weights(cached):  # the cache may hold just config.json, fetched by another program
+            return cached
     except LocalEntryNotFoundError:
         pass
     require_hub_reachable(repr(repo_id), advice=(
@@ -171,8 +184,12 @@ def download_hf_model(name: str) -> Path:
         "(as written by save_pretrained or export_hf.py), or one of our checkpoints."))
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=safetensors_only))
-        if not any((folder / weights).exists() for weights in WEIGHT_FILES):  # an old repo with pickles only
+        if not _has_weights(folder):  # an old repo with pickles only
             folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model*.bin*"]))
     except Exception as error:
         raise UserError(f"cannot fetch {repo_id!r} from the Hugging Face hub: {first_line(error)}") from None
     return folder
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 from errors import UserError
 
@@ -22,6 +23,8 @@ def require_hub_reachable(what: str, advice: str) -> None:
         raise UserError(f"cannot fetch {what}: HF_HUB_OFFLINE is set. {advice}")
     url = urlsplit(constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
+    if getproxies().get(url.scheme) and not proxy_bypass(url.hostname):
+        return  # behind a proxy the host need not be reachable directly: let the download try
     try:
         socket.create_connection((url.hostname, port), timeout=10).close()
     except OSError as error:

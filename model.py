@@ -8,6 +8,8 @@ as `Conv1D` (in, out) matrices, we use plain `nn.Linear` (out, in). See `hf.py` 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -96,11 +98,15 @@ class KVCache:
         return self.k.size(3)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, nh, T, hs) keys and values; return all cached so far for `layer`."""
+        """Store this step's (B, nh, T, hs) keys and values; return all cached so far for `layer`.
+
+        Keys and values of a single row (B = 1) go to every row: a prompt shared by all the samples
+        of a batch is prefilled once. The result has as many rows as the input.
+        """
         end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
+        self.k[layer, :, :, self.pos:end] = k  # broadcasts a single row
         self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer, : k.size(0), :, :end], self.v[layer, : k.size(0), :, :end]
 
 
 class Linear(nn.Linear):
@@ -220,7 +226,8 @@ class GPT(nn.Module):
         logits = self.logits(self.hidden_states(idx, kv_cache, positions, attn_mask))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+            # In float32 even when the model runs in bfloat16: the log-sum-exp over 50k logits needs it.
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
@@ -254,6 +261,21 @@ class GPT(nn.Module):
         # Padded vocab rows only exist for matmul speed: cut them off here so that nothing downstream
         # (loss, sampling, scoring) can ever see them. The slice is a view, not a copy.
         return self.lm_head(hidden)[..., : self.config.vocab_size]
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @contextmanager
+    def evaluating(self) -> Iterator[GPT]:
+        """Eval mode (no dropout) for the duration, then back to the mode the caller had: what
+        generation and evaluation need when the training loop calls them mid-run."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
 
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameter count, the tied head counted once (the convention of the GPT-2 size names)."""

@@ -1,4 +1,5 @@
-"""One entry point for every way of naming a model: `load_model(spec)`.
+"""One entry point for every way of naming a model: `load_model(spec)`, and the command-line
+options that every stage uses to name one (`add_model_arguments`).
 
 A spec is, in the order we try it:
   1. a folder (or a file inside it) holding one of our checkpoints (`meta.json`, see checkpoint.py);
@@ -8,6 +9,7 @@ A spec is, in the order we try it:
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -31,12 +33,23 @@ def load_model(spec: str, device: torch.device | str = "cpu",
             model, meta = load_checkpoint(folder)
             tokenizer = meta["tokenizer"]
         elif (folder / "config.json").is_file():
-            model, tokenizer = hf.load_hf_folder(folder), hf.TOKENIZER
+            model, tokenizer = hf.load_hf_folder(folder)
         else:
             raise UserError(f"{spec} is neither one of our checkpoints (no meta.json) "
                             "nor a Hugging Face model folder (no config.json)")
-    elif _HUB_NAME.match(spec) and not spec.startswith("."):
-        model, tokenizer = hf.load_hf_folder(hf.download_hf_model(spec)), hf.TOKENIZER
-    else:
-        raise UserError(f"{spec!r}: no such file or folder, and not a Hugging Face hub name")
+    elif _HUB_NAME.match(spec) and not spec.startswith(".") and not Path(path.parts[0]).is_dir():
+        model, tokenizer = hf.load_hf_folder(hf.download_hf_model(spec))
+    else:  # e.g. log/model_19072 mistyped: log/ exists here, so this was never meant for the hub
+        raise UserError(f"{spec!r}: no such checkpoint file or folder")
     return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "gpt2") -> None:
+    """-m/--model, --device and --dtype, the same for every stage."""
+    parser.add_argument("-m", "--model", default=default_model,
+                        help="our checkpoint folder, an HF model folder, or an HF hub name such as gpt2, "
+                             f"gpt2-medium, gpt2-large, gpt2-xl (default: {default_model})")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto: the first of "
+                                                         "cuda, mps, cpu that is available (default)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto: bfloat16 on GPUs "
+                                                        "with native support, else float32 (default)")

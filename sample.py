@@ -26,7 +26,7 @@ from devices import resolve_device, resolve_dtype
 from errors import UserError, exit_on_user_error
 from generation import Sampling, TextStream, fit_to_context, stream_tokens
 from model import GPT
-from pretrained import load_model
+from pretrained import add_model_arguments, load_model
 from tokenizer import get_tokenizer
 
 
@@ -34,10 +34,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", help="the prompt (default: --prompt-file, else stdin when piped, "
                                                   "else unconditional from <|endoftext|>)")
-    parser.add_argument("-m", "--model", default="gpt2", help="our checkpoint folder, an HF folder, or an HF hub "
-                                                              "name (default: gpt2)")
+    add_model_arguments(parser)
     parser.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
-    parser.add_argument("-n", "--num-samples", type=int, help="samples per prompt (default: 5; 1 with --interactive)")
+    parser.add_argument("-n", "--num-samples", type=int, help="samples per prompt (default: 5; 1 with --interactive "
+                                                              "or --greedy)")
     parser.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate per sample (default: 30)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
     parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0 disables "
@@ -47,14 +47,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
     parser.add_argument("--seed", type=int, default=42, help="random seed; the same seed gives the same samples")
     parser.add_argument("--stop-at-eot", action="store_true", help="end a sample at <|endoftext|>")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default)")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto: bfloat16 on GPUs "
-                                                        "that have it, else float32")
     parser.add_argument("--json", action="store_true", help="print the samples as one JSON object instead")
     parser.add_argument("--interactive", action="store_true", help="prompt loop with line editing and history")
     args = parser.parse_args()
-    if args.num_samples is None:
-        args.num_samples = 1 if args.interactive else 5
+    if args.num_samples is None:  # greedy samples would all be the same
+        args.num_samples = 1 if args.interactive or args.greedy else 5
     if args.num_samples < 1 or args.max_new_tokens < 0:
         parser.error("--num-samples must be >= 1 and --max-new-tokens >= 0")
     if args.interactive and (args.json or args.prompt or args.prompt_file):
@@ -69,10 +66,14 @@ def read_prompt(args: argparse.Namespace) -> str:
         return args.prompt
     if args.prompt_file is not None:
         try:
-            return args.prompt_file.read_text()
+            text = args.prompt_file.read_text()
         except OSError as error:
             raise UserError(f"cannot read --prompt-file: {error}") from None
-    return "" if sys.stdin.isatty() else sys.stdin.read()
+    else:
+        text = "" if sys.stdin.isatty() else sys.stdin.read()
+    # The line break that ends a file or `echo`'s output is not part of the prompt: left in, the
+    # model would start a new line or paragraph.
+    return text.removesuffix("\n")
 
 
 def encode_prompt(text: str, encoding: tiktoken.Encoding, model: GPT) -> list[int]:
@@ -84,13 +85,11 @@ def encode_prompt(text: str, encoding: tiktoken.Encoding, model: GPT) -> list[in
     return ids
 
 
-def run_prompt(text: str, model: GPT, encoding: tiktoken.Encoding, args: argparse.Namespace,
+def run_prompt(text: str, model: GPT, encoding: tiktoken.Encoding, sampling: Sampling, args: argparse.Namespace,
                generator: torch.Generator) -> None:
     """Generate for one prompt and print the samples, streaming the first."""
     prompt, max_new_tokens = fit_to_context(encode_prompt(text, encoding, model), args.max_new_tokens,
                                             model.config.block_size)
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                        greedy=args.greedy)
     stop_token = encoding.eot_token if args.stop_at_eot else None
     steps = stream_tokens(model, prompt, args.num_samples, max_new_tokens, sampling, generator, stop_token)
     rows: list[list[int]] = [[] for _ in range(args.num_samples)]  # new tokens, stop token excluded
@@ -121,9 +120,10 @@ def run_prompt(text: str, model: GPT, encoding: tiktoken.Encoding, args: argpars
           file=sys.stderr)
 
 
-def interactive(model: GPT, encoding: tiktoken.Encoding, args: argparse.Namespace,
+def interactive(model: GPT, encoding: tiktoken.Encoding, sampling: Sampling, args: argparse.Namespace,
                 generator: torch.Generator) -> None:
-    """Read prompts until EOF (Ctrl-D), with readline's line editing and history when on a terminal."""
+    """Read prompts until EOF (Ctrl-D), with readline's line editing and history when on a terminal.
+    Ctrl-C interrupts the answer being generated."""
     with contextlib.suppress(ImportError):  # absent on Windows
         import readline  # noqa: F401  (importing it gives input() line editing and history)
     print(f"{args.model}: type a prompt, Ctrl-D to quit", file=sys.stderr)
@@ -133,8 +133,12 @@ def interactive(model: GPT, encoding: tiktoken.Encoding, args: argparse.Namespac
         except EOFError:
             print(file=sys.stderr)
             return
-        if text.strip():
-            run_prompt(text, model, encoding, args, generator)
+        if not text.strip():
+            continue
+        try:
+            run_prompt(text, model, encoding, sampling, args, generator)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+            print("\n[interrupted]", file=sys.stderr)
 
 
 def main() -> None:
@@ -142,7 +146,8 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     try:
-        Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
+        sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                            greedy=args.greedy)
     except ValueError as error:
         raise UserError(str(error)) from None
     text = None if args.interactive else read_prompt(args)
@@ -155,9 +160,9 @@ def main() -> None:
     warnings.simplefilter("always")
     warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
     if args.interactive:
-        interactive(model, encoding, args, generator)
+        interactive(model, encoding, sampling, args, generator)
     else:
-        run_prompt(text, model, encoding, args, generator)
+        run_prompt(text, model, encoding, sampling, args, generator)
 
 
 if __name__ == "__main__":

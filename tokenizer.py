@@ -17,7 +17,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
 
-from errors import UserError
+from errors import UserError, first_line
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -37,8 +37,9 @@ def _package_file(package: str, *parts: str) -> Path | None:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(next(iter(spec.submodule_search_locations)), *parts)
-    return path if path.is_file() else None
+    # tiktoken_ext is a namespace package: its folders may lie in several site-packages.
+    candidates = (Path(location, *parts) for location in spec.submodule_search_locations)
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def _gpt2_offline() -> tiktoken.Encoding | None:
@@ -75,7 +76,11 @@ def get_tokenizer(name: str) -> tiktoken.Encoding:
     if name not in _OFFLINE:
         raise UserError(f"unknown tokenizer {name!r} (known: {', '.join(TOKENIZERS)})")
     build_offline, package = _OFFLINE[name]
-    encoding = build_offline()  # a hash mismatch raises ValueError here: a corrupt file must not pass
+    try:
+        encoding = build_offline()
+    except ValueError as error:  # tiktoken's hash check: a corrupt or altered file must not pass
+        raise UserError(f"the {name} files of the {package} package fail tiktoken's sha256 pin "
+                        f"({first_line(error)}); reinstall it: pip install --force-reinstall {package}") from None
     if encoding is not None:
         return encoding
     try:

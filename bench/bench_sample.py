@@ -37,7 +37,7 @@ def ours(model: GPT) -> list[list[int]]:
 
 @torch.inference_mode()
 def no_cache(model: GPT) -> list[list[int]]:
-    device = model.transformer.wte.weight.device
+    device = model.device
     idx = torch.tensor(PROMPT, device=device).expand(NUM_SAMPLES, -1)
     for _ in range(NEW_TOKENS):
         logits, _ = model(idx)

@@ -20,7 +20,7 @@ def reference_scores(model: GPT, example: Example) -> tuple[int, int, list[float
     for i, row in enumerate(rows):
         tokens[i, : len(row)] = torch.tensor(row)
         mask[i, len(example.context) : len(row)] = 1
-    device = model.transformer.wte.weight.device
+    device = model.device
     logits, _ = model(tokens.to(device))
     losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:].to(device), reduction="none")
     shift_mask = mask[:, 1:].to(device)

@@ -111,12 +111,48 @@ def test_stop_token_ends_each_sample() -> None:
     assert stopped == [greedy[: first + 1]] * 2
 
 
+def test_sampled_rows_stop_at_different_steps() -> None:
+    model = small_model(vocab_size=8)  # a small vocabulary, so that every token comes up soon
+    sampling = Sampling(temperature=4.0)  # flat enough that rows differ
+    free = generate(model, [1], 6, 40, sampling, generator=torch.Generator().manual_seed(4))
+    stop = next(token for token in range(8) if all(token in row for row in free))
+    stopped = generate(model, [1], 6, 40, sampling, generator=torch.Generator().manual_seed(4), stop_token=stop)
+    ends = set()
+    for free_row, row in zip(free, stopped, strict=True):
+        assert stop in free_row
+        end = free_row.index(stop) + 1
+        assert row == free_row[:end]  # the same draws up to and including the stop token, nothing after
+        ends.add(end)
+    assert len(ends) > 1
+
+
+def test_greedy_ignores_temperature_zero() -> None:
+    model = small_model()
+    assert generate(model, [2], 1, 5, Sampling(greedy=True, temperature=0)) == generate(model, [2], 1, 5,
+                                                                                          Sampling(greedy=True))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        Sampling(temperature=0)
+
+
+def test_bfloat16_generation_runs_and_stays_in_vocabulary() -> None:
+    model = small_model().to(torch.bfloat16)
+    rows = generate(model, [3, 4, 5], 3, 20, Sampling(top_p=0.9), generator=torch.Generator().manual_seed(0))
+    assert all(len(row) == 20 and max(row) < 97 for row in rows)
+
+
+def test_generation_restores_training_mode() -> None:
+    model = small_model(dropout=0.5).train()
+    first = generate(model, [1, 2], 2, 10, Sampling(greedy=True))
+    assert model.training
+    assert generate(model, [1, 2], 2, 10, Sampling(greedy=True)) == first  # no dropout while generating
+
+
 def test_fit_to_context_crops_prompt_from_the_left() -> None:
     with pytest.warns(UserWarning, match="cropped from the left"):
         prompt, new = fit_to_context(list(range(100)), 30, 64)
-    assert prompt == list(range(66, 100)) and new == 30
+    assert prompt == list(range(65, 100)) and new == 30  # 35 + 30 - 1 = 64 positions fed to the model
     with pytest.warns(UserWarning, match="capped"):
-        assert fit_to_context([1], 500, 64) == ([1], 63)
+        assert fit_to_context([1], 500, 64) == ([1], 64)
 
 
 def test_text_stream_holds_back_split_characters() -> None:
@@ -167,8 +203,14 @@ def test_sample_json_is_reproducible_and_decodes(checkpoint: Path) -> None:
         assert sample["text"] == get_tokenizer("gpt2").decode(sample["tokens"])
 
 
+def test_sample_drops_the_line_break_that_ends_stdin(checkpoint: Path) -> None:
+    result = run_sample("-m", str(checkpoint), "--json", "--max-new-tokens", "2", stdin="Once upon a time\n")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["prompt_tokens"] == get_tokenizer("gpt2").encode_ordinary("Once upon a time")
+
+
 def test_sample_reads_prompt_from_stdin_and_streams_text(checkpoint: Path) -> None:
-    result = run_sample("-m", str(checkpoint), "-n", "2", "--max-new-tokens", "5", "--greedy", stdin="Once upon")
+    result = run_sample("-m", str(checkpoint), "-n", "2", "--max-new-tokens", "5", "--greedy", stdin="Once upon\n")
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("> Once upon")]
     assert len(lines) == 2 and lines[0] == lines[1]  # greedy: both samples alike
@@ -186,7 +228,7 @@ def test_interactive_answers_two_prompts_and_exits_on_eof(checkpoint: Path) -> N
 
 
 @pytest.mark.parametrize("args, message", [
-    (("-m", "./no/such/model", "hi"), "no such file or folder"),
+    (("-m", "./no/such/model", "hi"), "no such checkpoint file or folder"),
     (("--top-p", "1.5", "hi"), "top_p must be in (0, 1]"),
     (("--temperature", "0", "hi"), "temperature must be > 0"),
 ])

@@ -142,3 +142,10 @@ def test_offline_without_data_is_a_clear_error(checkpoint: Path, tmp_path: Path)
     assert "cannot download" in result.stderr and "--data PATH" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "cache").rglob("*.jsonl*"))  # no partial file left behind
+
+
+def test_a_failed_download_ends_every_rank(checkpoint: Path, tmp_path: Path) -> None:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = run([*torchrun, "hellaswag.py", "-m", str(checkpoint), "--limit", "5", "--no-progress"], tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("cannot download") >= 2  # rank 0's message, raised by both ranks

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from errors import UserError
 from model import GPT, GPTConfig, KVCache
 from pretrained import load_model
 
+ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
 ODD_CONFIG = dict(vocab_size=101, n_positions=48, n_embd=60, n_layer=3, n_head=5, n_inner=72,
                   layer_norm_epsilon=1e-6)
@@ -134,9 +136,17 @@ def test_checkpoint_round_trip_keeps_logits_and_metadata(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging folders left
 
 
+def large_weights(model: GPT) -> GPT:
+    """GPT-2's init gives logits of about 0.1, which hide errors under a 1e-5 tolerance; std 0.3 does not."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    return model.eval()
+
+
 def test_kv_cache_decoding_matches_full_forward() -> None:
     config = GPTConfig(block_size=64, vocab_size=97, n_layer=3, n_head=4, n_embd=48)
-    model = GPT(config).eval()
+    model = large_weights(GPT(config))
     idx = random_tokens(config, batch=3, length=28)
     prompt_len = 8
     with torch.no_grad():
@@ -151,7 +161,7 @@ def test_kv_cache_decoding_matches_full_forward() -> None:
 
 def test_kv_cache_chunked_prefill_matches_full_forward() -> None:
     config = GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
-    model = GPT(config).eval()
+    model = large_weights(GPT(config))
     idx = random_tokens(config, batch=2, length=20)
     with torch.no_grad():
         full, _ = model(idx)
@@ -215,17 +225,64 @@ class _RunsCode:
         return (print, ("this pickle runs code",))
 
 
-def test_pickle_that_runs_code_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    hf_model = make_hf_model(**ODD_CONFIG)
-    hf_model.save_pretrained(tmp_path)
-    (tmp_path / "model.safetensors").unlink()
-    state_dict = dict(hf_model.state_dict())
-    state_dict["evil"] = _RunsCode()
-    with open(tmp_path / "pytorch_model.bin", "wb") as f:
-        pickle.dump(state_dict, f)
+def save_as_pytorch_model_bin(hf_model: GPT2LMHeadModel, folder: Path, legacy_format: bool,
+                              extra: dict | None = None) -> None:
+    hf_model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    state_dict = {**hf_model.state_dict(), **(extra or {})}
+    # torch's zip format (the default since torch 1.6), or the plain pickle of older files.
+    torch.save(state_dict, folder / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy_format)
+
+
+@pytest.mark.parametrize("legacy_format", [False, True], ids=["zip", "legacy"])
+def test_pickle_that_runs_code_is_refused(legacy_format: bool, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    save_as_pytorch_model_bin(make_hf_model(**ODD_CONFIG), tmp_path, legacy_format, extra={"evil": _RunsCode()})
     with pytest.raises(UserError, match=r"refusing to load .*pytorch_model\.bin"):
         load_model(str(tmp_path))
     assert "this pickle runs code" not in capsys.readouterr().out
+
+
+def test_legacy_format_pickle_of_plain_tensors_loads(tmp_path: Path) -> None:
+    hf_model = make_hf_model(**ODD_CONFIG)
+    save_as_pytorch_model_bin(hf_model, tmp_path, legacy_format=True)
+    idx = random_tokens(hf.config_from_hf(hf_model.config.to_dict()), batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(tmp_path))[0](idx)[0], hf_model(idx).logits, atol=TOLERANCE, rtol=0)
+
+
+def test_sharded_safetensors_folder_loads(tmp_path: Path) -> None:
+    hf_model = make_hf_model(**ODD_CONFIG)
+    hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
+    idx = random_tokens(hf.config_from_hf(hf_model.config.to_dict()), batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(tmp_path))[0](idx)[0], hf_model(idx).logits, atol=TOLERANCE, rtol=0)
+
+
+def test_export_keeps_the_tokenizer_name(tmp_path: Path) -> None:
+    model = GPT(GPTConfig(block_size=8, vocab_size=100277, n_layer=1, n_head=1, n_embd=8))
+    hf.export_hf(model, tmp_path, tokenizer="cl100k_base")
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 100257
+    assert load_model(str(tmp_path))[1] == "cl100k_base"
+
+
+def test_export_cli_writes_a_folder_hf_loads(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "ckpt", GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2,
+                                                     n_embd=16)), tokenizer="gpt2")
+    command = [sys.executable, str(ROOT / "export_hf.py"), str(tmp_path / "ckpt"), str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "out").config.n_positions == 16
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "not empty; pass --force" in again.stderr
+
+
+def test_malformed_meta_json_is_a_clear_error(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "ckpt", GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=1, n_embd=8)),
+                    tokenizer="gpt2")
+    (tmp_path / "ckpt" / "meta.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match=r"not a checkpoint's meta\.json"):
+        load_model(str(tmp_path / "ckpt"))
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -249,8 +306,22 @@ def test_hub_name_offline_is_a_clear_error(no_network: None, tmp_path: Path, mon
         load_model("gpt2")
 
 
-def test_unknown_spec_is_a_clear_error(tmp_path: Path) -> None:
+def test_hub_cache_without_weights_is_not_taken_for_a_model(no_network: None, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    (tmp_path / "config.json").write_text("{}")  # what fetching only a tokenizer or config leaves behind
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: str(tmp_path))
+    with pytest.raises(UserError, match="is unreachable"):  # it went on to download, not to load
+        load_model("gpt2")
+
+
+def test_unknown_spec_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError, match="neither one of our checkpoints"):
         load_model(str(tmp_path))
-    with pytest.raises(UserError, match="no such file or folder"):
+    with pytest.raises(UserError, match="no such checkpoint file or folder"):
         load_model("./does/not/exist")
+    (tmp_path / "log").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="no such checkpoint file or folder"):  # a typo, not a hub name
+        load_model("log/model_19072")

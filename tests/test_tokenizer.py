@@ -52,7 +52,7 @@ def test_corrupt_vocabulary_file_is_refused(tmp_path: Path, monkeypatch: pytest.
     original = tokenizer._package_file
     monkeypatch.setattr(tokenizer, "_package_file",
                         lambda package, *parts: corrupt if parts[-1] == "vocab.bpe" else original(package, *parts))
-    with pytest.raises(ValueError, match=r"[Hh]ash mismatch"):
+    with pytest.raises(UserError, match=r"fail tiktoken's sha256 pin .*[Hh]ash mismatch.*--force-reinstall"):
         get_tokenizer("gpt2")
 
 
