@@ -2,7 +2,7 @@
 
     python hellaswag.py -m gpt2                       # downloads hellaswag_val.jsonl on first use
     python hellaswag.py -m log/model_19072 --dtype bfloat16 --output log/hellaswag.jsonl
-    torchrun --nproc_per_node=8 hellaswag.py -m gpt2-xl
+    torchrun --standalone --nproc_per_node=8 hellaswag.py -m gpt2-xl
 
 acc scores an ending by its summed token loss, acc_norm by its mean token loss; see evaluation.py.
 """
