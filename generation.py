@@ -117,8 +117,7 @@ def stream_tokens(model: GPT, prompt: list[int], num_samples: int, max_new_token
             # One host sync every 16 steps is cheap; one per step would stall a GPU pipeline.
             if stop_token is not None and step % 16 == 15 and bool(finished.all()):
                 return
-            if step + 1 < max_new_tokens:
-                idx = next_tokens.unsqueeze(1)  # (B, 1)
+            idx = next_tokens.unsqueeze(1)  # (B, 1)
 
 
 def generate(model: GPT, prompt: list[int], num_samples: int, max_new_tokens: int, sampling: Sampling,

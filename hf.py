@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from checkpoint import read_tensor_file
 from errors import UserError, first_line
 from hub import require_hub_reachable
-from model import GPT, GPTConfig, normalize_state_dict_keys
+from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -97,8 +97,9 @@ def config_to_hf(config: GPTConfig, tokenizer: str = DEFAULT_TOKENIZER) -> dict:
 
 def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF keys and Conv1D layout -> our keys and nn.Linear layout."""
+    # Keys stay as they are: GPT.from_state_dict maps the prefixes and drops HF's mask buffers.
     return {key: value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value
-            for key, value in normalize_state_dict_keys(hf_state_dict).items()}
+            for key, value in hf_state_dict.items()}
 
 
 def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
