@@ -15,6 +15,7 @@ from checkpoint import save_checkpoint
 from generation import Sampling, TextStream, candidates, fit_to_context, generate, sample_next
 from model import GPT, GPTConfig
 from pretrained import load_model
+from tests.weights import redraw_weights
 from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,11 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def small_model(**overrides: object) -> GPT:
     torch.manual_seed(3)
     config = dict(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
-    model = GPT(GPTConfig(**{**config, **overrides})).eval()
-    with torch.no_grad():  # larger weights than GPT-2's init, so the argmax is not a near tie
-        for param in model.parameters():
-            param.normal_(0.0, 0.5)
-    return model
+    # Larger weights than GPT-2's init, so that the argmax is not a near tie.
+    return redraw_weights(GPT(GPTConfig(**{**config, **overrides})), std=0.5)
 
 
 def test_greedy_with_cache_equals_argmax_of_full_recomputation() -> None:

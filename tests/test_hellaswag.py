@@ -19,6 +19,7 @@ from hf import export_hf
 from model import GPT, GPTConfig
 from pretrained import load_model
 from tests.hellaswag_reference import reference_scores
+from tests.weights import redraw_weights
 from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,11 +28,8 @@ SMALL_VOCAB = 1024
 
 def random_model(vocab_size: int, block_size: int = 256) -> GPT:
     torch.manual_seed(11)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=4, n_embd=64)).eval()
-    with torch.no_grad():  # weights well away from GPT-2's init, so the four endings' losses differ
-        for param in model.parameters():
-            param.normal_(0.0, 0.3)
-    return model
+    # Weights well away from GPT-2's init, so that the four endings' losses differ.
+    return redraw_weights(GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=4, n_embd=64)))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from errors import UserError
 from model import GPT, GPTConfig, KVCache
 from pretrained import load_model
+from tests.weights import redraw_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
@@ -32,11 +33,7 @@ def make_hf_model(**config: object) -> GPT2LMHeadModel:
     torch.manual_seed(1234)
     hf_config = GPT2Config(**config, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf_model = GPT2LMHeadModel(hf_config).eval()
-    if hf_config.n_embd < 768:
-        with torch.no_grad():
-            for param in hf_model.parameters():
-                param.normal_(0.0, 0.3)
-    return hf_model
+    return redraw_weights(hf_model) if hf_config.n_embd < 768 else hf_model
 
 
 def random_tokens(model_config: GPTConfig, batch: int, length: int | None = None) -> torch.Tensor:
@@ -136,17 +133,9 @@ def test_checkpoint_round_trip_keeps_logits_and_metadata(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging folders left
 
 
-def large_weights(model: GPT) -> GPT:
-    """GPT-2's init gives logits of about 0.1, which hide errors under a 1e-5 tolerance; std 0.3 does not."""
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.3)
-    return model.eval()
-
-
 def test_kv_cache_decoding_matches_full_forward() -> None:
     config = GPTConfig(block_size=64, vocab_size=97, n_layer=3, n_head=4, n_embd=48)
-    model = large_weights(GPT(config))
+    model = redraw_weights(GPT(config))
     idx = random_tokens(config, batch=3, length=28)
     prompt_len = 8
     with torch.no_grad():
@@ -161,7 +150,7 @@ def test_kv_cache_decoding_matches_full_forward() -> None:
 
 def test_kv_cache_chunked_prefill_matches_full_forward() -> None:
     config = GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
-    model = large_weights(GPT(config))
+    model = redraw_weights(GPT(config))
     idx = random_tokens(config, batch=2, length=20)
     with torch.no_grad():
         full, _ = model(idx)
