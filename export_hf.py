@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from errors import UserError, exit_on_user_error
-from hf import export_hf
-from pretrained import load_model
+from core.errors import UserError, exit_on_user_error
+from core.hf import export_hf
+from core.pretrained import load_model
 
 
 def main() -> None:

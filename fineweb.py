@@ -8,7 +8,7 @@
 Every document becomes <|endoftext|> followed by its tokens. The first documents of the stream, as
 many as fit whole in --val-tokens (default: one shard, as build-nanogpt's first shard), are the val
 split; all later documents are train, optionally shuffled (--shuffle-seed). No document is split
-between val and train. Each split is cut into shards of --shard-size tokens (format: shards.py).
+between val and train. Each split is cut into shards of --shard-size tokens (format: core/shards.py).
 
 The shards are the same whatever --workers is. Each shard is written atomically, and after each one
 OUT/PREFIX_manifest.json records where to resume: re-running the same command after an interruption
@@ -34,10 +34,10 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from errors import UserError, exit_on_user_error, first_line
-from hub import require_hub_reachable
-from shards import ShardWriter, read_shard_info, shard_path, token_dtype, write_file_atomically
-from tokenizer import TOKENIZERS, get_tokenizer
+from core.errors import UserError, exit_on_user_error, first_line
+from core.hub import require_hub_reachable
+from core.shards import ShardWriter, read_shard_info, shard_path, token_dtype, write_file_atomically
+from core.tokenizer import TOKENIZERS, get_tokenizer
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_DATASET_CONFIG = "sample-10BT"  # only for the default dataset

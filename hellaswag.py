@@ -4,7 +4,7 @@
     python hellaswag.py -m log/model_19072 --dtype bfloat16 --output log/hellaswag.jsonl
     torchrun --standalone --nproc_per_node=8 hellaswag.py -m gpt2-xl
 
-acc scores an ending by its summed token loss, acc_norm by its mean token loss; see evaluation.py.
+acc scores an ending by its summed token loss, acc_norm by its mean token loss; see core/evaluation.py.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from devices import resolve_dtype
-from distributed import close_distributed, init_distributed
-from errors import UserError, exit_on_user_error
-from evaluation import evaluate, gather_results, hellaswag_file, read_hellaswag, summarize, write_results
-from pretrained import add_model_arguments, load_model
-from tokenizer import get_tokenizer
+from core.devices import resolve_dtype
+from core.distributed import close_distributed, init_distributed
+from core.errors import UserError, exit_on_user_error
+from core.evaluation import evaluate, gather_results, hellaswag_file, read_hellaswag, summarize, write_results
+from core.pretrained import add_model_arguments, load_model
+from core.tokenizer import get_tokenizer
 
 
 def parse_args() -> argparse.Namespace:

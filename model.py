@@ -2,7 +2,7 @@
 
 Parameter names match Hugging Face's `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn.weight`, ...)
 so that weights move between the two with a transpose and nothing else: HF stores its projections
-as `Conv1D` (in, out) matrices, we use plain `nn.Linear` (out, in). See `hf.py` for the mapping.
+as `Conv1D` (in, out) matrices, we use plain `nn.Linear` (out, in). See `core/hf.py` for the mapping.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import UserError
+from core.errors import UserError
 
 # The four OpenAI GPT-2 sizes (Radford et al. 2019, table 2); all use block_size 1024.
 PRESETS: dict[str, dict[str, int]] = {
@@ -285,13 +285,23 @@ class GPT(nn.Module):
         return n
 
     @classmethod
+    def from_pretrained(cls, spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
+        """The model named by `spec`, in eval mode: `GPT.from_pretrained("gpt2")` (an HF hub name), an HF
+        model folder, or one of our checkpoint folders. See `core.pretrained.load_model`, which also
+        returns the name of the model's tokenizer."""
+        from core.pretrained import load_model  # imported here: core.pretrained imports this module
+
+        model, _ = load_model(spec, device=device, dtype=dtype)
+        return model
+
+    @classmethod
     def from_state_dict(cls, config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:
         """Build a model holding exactly these weights, or fail naming every key that does not fit.
 
         Accepts the layouts met in the wild: with or without the `transformer.` prefix, with a
         `_orig_mod.` (torch.compile) or `module.` (DDP) prefix, with or without the tied
         `lm_head.weight`, with or without HF's causal-mask buffers. Weights must already be in our
-        nn.Linear layout (see `hf.py` for HF's Conv1D).
+        nn.Linear layout (see `core/hf.py` for HF's Conv1D).
         """
         state_dict = normalize_state_dict_keys(state_dict)
         with torch.device("meta"):

@@ -22,12 +22,12 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from devices import resolve_device, resolve_dtype
-from errors import UserError, exit_on_user_error
-from generation import Sampling, TextStream, fit_to_context, stream_tokens
+from core.devices import resolve_device, resolve_dtype
+from core.errors import UserError, exit_on_user_error
+from core.generation import Sampling, TextStream, fit_to_context, stream_tokens
+from core.pretrained import add_model_arguments, load_model
+from core.tokenizer import get_tokenizer
 from model import GPT
-from pretrained import add_model_arguments, load_model
-from tokenizer import get_tokenizer
 
 
 def parse_args() -> argparse.Namespace:

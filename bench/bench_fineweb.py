@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tokenizer import get_tokenizer  # noqa: E402
+from core.tokenizer import get_tokenizer  # noqa: E402
 
 SHARED_TEXT = ROOT.parent / "shared" / "data" / "text"
 SHAKESPEARE_DOC_CHARS = 4000

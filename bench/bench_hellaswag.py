@@ -1,4 +1,4 @@
-"""HellaSwag examples per second of evaluation.py against the one-example-per-forward reference.
+"""HellaSwag examples per second of core/evaluation.py against the one-example-per-forward reference.
 
     python bench/bench_hellaswag.py [--limit 1000] [--batch-size 16] [--device cpu]
 
@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
-from devices import resolve_device
-from evaluation import evaluate, read_hellaswag
+from core.devices import resolve_device
+from core.evaluation import evaluate, read_hellaswag
+from core.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 from tests.hellaswag_reference import reference_scores
-from tokenizer import get_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hellaswag" / "hellaswag_val_1000.jsonl"
 

@@ -1,4 +1,4 @@
-"""New tokens per second of generation.py against HF `generate` and against no cache at all.
+"""New tokens per second of core/generation.py against HF `generate` and against no cache at all.
 
     python bench/bench_sample.py [--device cpu] [--dtype float32] [--repeats 3]
 
@@ -22,9 +22,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
-from devices import resolve_device, resolve_dtype
-from generation import Sampling, generate, sample_next
-from hf import config_to_hf, state_dict_to_hf
+from core.devices import resolve_device, resolve_dtype
+from core.generation import Sampling, generate, sample_next
+from core.hf import config_to_hf, state_dict_to_hf
 from model import GPT, GPTConfig
 
 NUM_SAMPLES, NEW_TOKENS, TOP_K = 5, 128, 50

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from evaluation import Example
+from core.evaluation import Example
 from model import GPT
 
 

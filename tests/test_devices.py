@@ -1,12 +1,12 @@
-"""devices.py: what --device and --dtype resolve to, and clear errors for what this machine lacks."""
+"""core/devices.py: what --device and --dtype resolve to, and clear errors for what this machine lacks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from devices import resolve_device, resolve_dtype
-from errors import UserError
+from core.devices import resolve_device, resolve_dtype
+from core.errors import UserError
 
 
 def test_auto_on_a_cpu_machine_is_cpu_and_float32(monkeypatch: pytest.MonkeyPatch) -> None:

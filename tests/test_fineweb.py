@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import fineweb
-from errors import UserError
-from shards import KILL_MID_WRITE_ENV, list_shards, open_shard, read_shard_info
-from tokenizer import get_tokenizer
+from core.errors import UserError
+from core.shards import KILL_MID_WRITE_ENV, list_shards, open_shard, read_shard_info
+from core.tokenizer import get_tokenizer
 
 FINEWEB = Path(fineweb.__file__)
 EOT = "<|endoftext|>"

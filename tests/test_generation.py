@@ -1,4 +1,4 @@
-"""generation.py and sample.py: KV-cache decoding against full recomputation and HF generate."""
+"""core/generation.py and sample.py: KV-cache decoding against full recomputation and HF generate."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from checkpoint import save_checkpoint
-from generation import Sampling, TextStream, candidates, fit_to_context, generate, sample_next
+from core.checkpoint import save_checkpoint
+from core.generation import Sampling, TextStream, candidates, fit_to_context, generate, sample_next
+from core.pretrained import load_model
+from core.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
-from pretrained import load_model
 from tests.weights import redraw_weights
-from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""evaluation.py and hellaswag.py against the plain one-example-per-forward reference."""
+"""core/evaluation.py and hellaswag.py against the plain one-example-per-forward reference."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import save_checkpoint
-from errors import UserError
-from evaluation import Example, evaluate, read_hellaswag, summarize
-from hf import export_hf
+from core.checkpoint import save_checkpoint
+from core.errors import UserError
+from core.evaluation import Example, evaluate, read_hellaswag, summarize
+from core.hf import export_hf
+from core.pretrained import load_model
+from core.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
-from pretrained import load_model
 from tests.hellaswag_reference import reference_scores
 from tests.weights import redraw_weights
-from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_VOCAB = 1024

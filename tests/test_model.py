@@ -1,4 +1,4 @@
-"""model.py, hf.py, checkpoint.py and pretrained.py against Hugging Face transformers as the reference."""
+"""model.py and core/hf.py, checkpoint.py, pretrained.py against Hugging Face transformers as the reference."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import hf
-from checkpoint import load_checkpoint, save_checkpoint
-from errors import UserError
+from core import hf
+from core.checkpoint import load_checkpoint, save_checkpoint
+from core.errors import UserError
+from core.pretrained import load_model
 from model import GPT, GPTConfig, KVCache
-from pretrained import load_model
 from tests.weights import redraw_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,29 @@ def test_golden_logits_of_shared_tiny_model(shared_data: Path) -> None:
     assert logits.shape[1:] == expected.shape
     torch.testing.assert_close(logits[0], expected, atol=TOLERANCE, rtol=0)
     assert tokenizer == "gpt2"
+
+
+def test_from_pretrained_gives_the_golden_logits(shared_data: Path) -> None:
+    golden = json.loads((shared_data / "hf_tiny_gpt2" / "golden.json").read_text())
+    model = GPT.from_pretrained(str(shared_data / "hf_tiny_gpt2"))
+    assert not model.training
+    logits, _ = model(torch.tensor([golden["input_ids"]]))
+    expected = torch.tensor(golden["logits"]).view(golden["logits_shape"])
+    torch.testing.assert_close(logits[0], expected, atol=TOLERANCE, rtol=0)
+
+
+def test_from_pretrained_with_a_mistyped_path_fails_in_one_line(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "log").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="no such checkpoint file or folder") as raised:
+        GPT.from_pretrained("log/modle_19072")
+    assert "\n" not in str(raised.value)
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "-m", "log/modle_19072", "--device", "cpu"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    expected = "sample.py: error: 'log/modle_19072': no such checkpoint file or folder"
+    assert result.stderr.strip().splitlines() == [expected]
 
 
 @pytest.mark.parametrize("hf_config", [dict(), ODD_CONFIG], ids=["gpt2-124M", "odd"])

@@ -1,4 +1,4 @@
-"""shards.py: the shard format round-trips, and every kind of bad file is refused naming the file."""
+"""core/shards.py: the shard format round-trips, and every kind of bad file is refused naming the file."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import shards
-from errors import UserError
-from shards import HEADER_SIZE, ShardWriter, list_shards, open_shard, read_shard_info, shard_path, write_shard
+from core import shards
+from core.errors import UserError
+from core.shards import HEADER_SIZE, ShardWriter, list_shards, open_shard, read_shard_info, shard_path, write_shard
 
 
 def gpt2_shard(folder: Path, index: int = 0, split: str = "train", tokens: np.ndarray | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""tokenizer.py: the offline files give tiktoken's exact encodings, and corrupt files are refused."""
+"""core/tokenizer.py: the offline files give tiktoken's exact encodings, and corrupt files are refused."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import tiktoken
 
-import tokenizer
-from errors import UserError
-from tokenizer import get_tokenizer
+from core import tokenizer
+from core.errors import UserError
+from core.tokenizer import get_tokenizer
 
 
 @pytest.fixture(autouse=True)

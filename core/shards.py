@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import UserError
+from core.errors import UserError
 
 MAGIC = b"GPT2TOKS"
 VERSION = 1

@@ -11,7 +11,7 @@ import socket
 from urllib.parse import urlsplit
 from urllib.request import getproxies, proxy_bypass
 
-from errors import UserError
+from core.errors import UserError
 
 
 def require_hub_reachable(what: str, advice: str) -> None:

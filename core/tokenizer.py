@@ -17,7 +17,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
 
-from errors import UserError, first_line
+from core.errors import UserError, first_line
 
 ENDOFTEXT = "<|endoftext|>"
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from errors import UserError, first_line
+from core.errors import UserError, first_line
 from model import GPT, GPTConfig
 
 FORMAT = "gpt2-toolkit-checkpoint"

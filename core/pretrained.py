@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-import hf
-from checkpoint import is_checkpoint, load_checkpoint
-from errors import UserError
+from core import hf
+from core.checkpoint import is_checkpoint, load_checkpoint
+from core.errors import UserError
 from model import GPT
 
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")

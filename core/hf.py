@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from checkpoint import read_tensor_file
-from errors import UserError, first_line
-from hub import require_hub_reachable
+from core.checkpoint import read_tensor_file
+from core.errors import UserError, first_line
+from core.hub import require_hub_reachable
+from core.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # HF configs have no field for a tiktoken encoding: we add this key on export, and a folder without
