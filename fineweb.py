@@ -34,9 +34,10 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
+from core.atomic import write_file_atomically
 from core.errors import UserError, exit_on_user_error, first_line
 from core.hub import require_hub_reachable
-from core.shards import ShardWriter, read_shard_info, shard_path, token_dtype, write_file_atomically
+from core.shards import ShardWriter, read_shard_info, shard_path, token_dtype
 from core.tokenizer import TOKENIZERS, get_tokenizer
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"

@@ -3,9 +3,11 @@
 A checkpoint is a folder:
     model.safetensors   the weights in our layout (the tied lm_head.weight is not stored twice)
     meta.json           {"format", "version", "config": GPTConfig as a dict, "tokenizer", ...extra}
-Trainer state (optimizer, RNG) may sit beside them as pickles that hold only tensors and plain
-containers, read back with `read_tensor_file`. A folder is written under a temporary name and
-renamed into place, so a crash never leaves a half-written checkpoint under the real name.
+    trainer_state.pt    optional: what train_gpt2.py needs to resume (optimizer, step, data position,
+                        RNG states), a pickle of tensors and plain containers read with weights_only=True
+A folder is written under a hidden temporary name and renamed into place, so a crash never leaves a
+half-written checkpoint under the real name. Replacing a folder takes two renames (old away, new in);
+a crash between them leaves the old one as `.NAME.old`, which every reader and writer renames back.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from core.atomic import fsync_folder
 from core.errors import UserError, first_line
 from model import GPT, GPTConfig
 
@@ -27,18 +30,24 @@ FORMAT = "gpt2-toolkit-checkpoint"
 VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
 
 
 def is_checkpoint(folder: Path | str) -> bool:
-    return (Path(folder) / META_FILE).is_file()
+    folder = Path(folder)
+    recover_interrupted_save(folder)
+    return (folder / META_FILE).is_file()
 
 
-def save_checkpoint(folder: Path | str, model: GPT, tokenizer: str, **extra: Any) -> Path:
+def save_checkpoint(folder: Path | str, model: GPT, tokenizer: str, trainer_state: dict[str, Any] | None = None,
+                    **extra: Any) -> Path:
     """Write `model` (the raw module, not a DDP or compiled wrapper) and its metadata to `folder`.
 
-    `extra` lands in meta.json as is (step, val_loss, ...), so it must be JSON-serialisable.
+    `extra` lands in meta.json as is (step, val_loss, ...), so it must be JSON-serialisable;
+    `trainer_state` (tensors and plain containers only) goes to trainer_state.pt in the same folder.
     """
     folder = Path(folder)
+    recover_interrupted_save(folder)
     weights = {key: value.detach().contiguous().cpu()
                for key, value in model.state_dict().items() if key != "lm_head.weight"}
     meta = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "tokenizer": tokenizer, **extra}
@@ -46,20 +55,36 @@ def save_checkpoint(folder: Path | str, model: GPT, tokenizer: str, **extra: Any
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file(weights, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if trainer_state is not None:
+        torch.save(trainer_state, staging / TRAINER_STATE_FILE)
+    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # last: its presence marks a checkpoint
     _fsync_tree(staging)
-    retired = folder.with_name(f".{folder.name}.old")
+    retired = _retired_name(folder)
     if folder.exists():
         shutil.rmtree(retired, ignore_errors=True)
         folder.rename(retired)
-    staging.rename(folder)
+    staging.rename(folder)  # a crash before this line leaves `retired`, which recover_interrupted_save restores
     shutil.rmtree(retired, ignore_errors=True)
+    fsync_folder(folder.parent)
     return folder
+
+
+def recover_interrupted_save(folder: Path | str) -> None:
+    """Undo the half of a replacement that a crash left: `folder` gone, its previous version retired."""
+    folder = Path(folder)
+    retired = _retired_name(folder)
+    if not folder.exists() and (retired / META_FILE).is_file():
+        retired.rename(folder)
+
+
+def _retired_name(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.old")
 
 
 def load_checkpoint(folder: Path | str) -> tuple[GPT, dict[str, Any]]:
     """Our model (fp32, CPU) and the checkpoint's metadata."""
     folder = Path(folder)
+    recover_interrupted_save(folder)
     meta = read_meta(folder)
     config = GPTConfig.from_dict(meta["config"])
     try:
@@ -106,7 +131,17 @@ def read_tensor_file(path: Path | str) -> dict[str, Any]:
                         "Only safetensors and weights-only pickles are accepted.") from None
 
 
+def read_trainer_state(folder: Path | str) -> dict[str, Any]:
+    """The trainer state saved beside a checkpoint's weights (see train_gpt2.py)."""
+    path = Path(folder) / TRAINER_STATE_FILE
+    if not path.is_file():
+        raise UserError(f"{folder} holds model weights but no {TRAINER_STATE_FILE}: it cannot be resumed "
+                        "(use it with --init-from to start a new run from its weights)")
+    return read_tensor_file(path)
+
+
 def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+    fsync_folder(folder)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from core import hf
-from core.checkpoint import is_checkpoint, load_checkpoint
+from core.checkpoint import is_checkpoint, load_checkpoint, recover_interrupted_save
 from core.errors import UserError
 from model import GPT
 
@@ -27,6 +27,7 @@ def load_model(spec: str, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[GPT, str]:
     """The model named by `spec`, in eval mode on `device`, and the name of its tokenizer."""
     path = Path(spec)
+    recover_interrupted_save(path)
     if path.exists():
         folder = path if path.is_dir() else path.parent
         if is_checkpoint(folder):

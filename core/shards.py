@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.atomic import AtomicFile
 from core.errors import UserError
 
 MAGIC = b"GPT2TOKS"
@@ -109,15 +110,16 @@ class ShardWriter:
             raise ValueError(f"tokenizer name {tokenizer!r} is longer than 32 bytes")
         self.num_tokens = 0
         self._kill_mid_write = os.environ.get(KILL_MID_WRITE_ENV) == self.path.name
-        self._file = _AtomicFile(self.path)
+        self._file = AtomicFile(self.path)
         self._file.write(bytes(HEADER_SIZE))
 
     def write(self, tokens: np.ndarray) -> None:
         """Append tokens (any integer dtype; each must be below the vocabulary size)."""
         if tokens.size and int(tokens.max()) >= self.vocab_size:
             raise ValueError(f"token id {int(tokens.max())} is outside the vocabulary of {self.vocab_size}")
-        if self.num_tokens and self._kill_mid_write:
-            self._file.kill_mid_write()
+        if self.num_tokens and self._kill_mid_write:  # die as `kill -9` would, with data on disk
+            self._file.file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
         self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype))
         self.num_tokens += tokens.size
 
@@ -140,53 +142,6 @@ def write_shard(path: Path | str, tokens: np.ndarray, tokenizer: str, vocab_size
         writer.abort()
         raise
     return writer.commit()
-
-
-def write_file_atomically(path: Path | str, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file, fsync, rename: a crash never leaves half a file."""
-    file = _AtomicFile(Path(path))
-    file.write(data)
-    file.commit()
-
-
-class _AtomicFile:
-    """A file written under a hidden temporary name beside `path`, which `commit()` fsyncs and renames
-    to `path`, and `abort()` (or any failure on the way) deletes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.temporary = path.with_name(f".{path.name}.tmp")
-        # Open across calls, until commit or abort; a large buffer, as shards arrive a document at a time.
-        self.file = open(self.temporary, "wb", buffering=1 << 20)  # noqa: SIM115
-
-    def write(self, data: bytes | np.ndarray, offset: int | None = None) -> None:
-        try:
-            if offset is not None:
-                self.file.seek(offset)
-            self.file.write(memoryview(data).cast("B"))
-        except BaseException:
-            self.abort()
-            raise
-
-    def commit(self) -> None:
-        try:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            os.replace(self.temporary, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        _fsync_folder(self.path.parent)
-
-    def abort(self) -> None:
-        self.file.close()
-        self.temporary.unlink(missing_ok=True)
-
-    def kill_mid_write(self) -> None:
-        """The test hook behind KILL_MID_WRITE_ENV: die as `kill -9` would, with data on disk."""
-        self.file.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def read_shard_info(path: Path | str) -> ShardInfo:
@@ -248,15 +203,3 @@ def _legacy_shard_info(path: Path) -> ShardInfo:
         raise UserError(f"{path} holds a {tokens.dtype} array of shape {tokens.shape}; a headerless "
                         "build-nanogpt shard is a 1-D uint16 array")
     return ShardInfo(path, LEGACY_TOKENIZER, 50257, int(tokens.shape[0]), np.dtype("<u2"), legacy=True)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in `folder` durable, where the platform allows opening a folder."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
