@@ -14,12 +14,17 @@ import json
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 from core.devices import resolve_dtype
 from core.distributed import close_distributed, init_distributed
-from core.errors import UserError, exit_on_user_error
-from core.evaluation import evaluate, gather_results, hellaswag_file, read_hellaswag, summarize, write_results
+from core.errors import exit_on_user_error
+from core.evaluation import (
+    evaluate,
+    gather_results,
+    hellaswag_file_on_every_rank,
+    read_hellaswag,
+    summarize,
+    write_results,
+)
 from core.pretrained import add_model_arguments, load_model
 from core.tokenizer import get_tokenizer
 
@@ -39,23 +44,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def data_file(path: Path | None, world_size: int) -> Path:
-    """The HellaSwag file, downloaded by rank 0 alone; its failure ends every rank with the same message."""
-    if world_size == 1:
-        return hellaswag_file(path)
-    found, failure = None, None
-    if dist.get_rank() == 0:
-        try:
-            found = hellaswag_file(path)
-        except UserError as error:
-            failure = str(error)
-    shared = [found, failure]
-    dist.broadcast_object_list(shared, src=0)  # the other ranks wait here for rank 0's answer
-    if shared[1] is not None:
-        raise UserError(shared[1])
-    return shared[0]
-
-
 def main() -> None:
     args = parse_args()
     distributed = init_distributed(args.device)
@@ -63,7 +51,7 @@ def main() -> None:
         model, tokenizer = load_model(args.model, device=distributed.device,
                                       dtype=resolve_dtype(args.dtype, distributed.device))
         encoding = get_tokenizer(tokenizer)
-        path = data_file(args.data, distributed.world_size)
+        path = hellaswag_file_on_every_rank(args.data)
         examples = read_hellaswag(path, encoding, limit=args.limit)
         start = time.perf_counter()
         results = gather_results(evaluate(model, examples, args.batch_size, progress=not args.no_progress))

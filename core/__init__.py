@@ -1,6 +1,7 @@
 """The shared core of the toolkit: what the stage scripts at the top level have in common.
 
-One module per concept: `pretrained` (model specs), `hf` (Hugging Face interop), `checkpoint`,
-`tokenizer`, `shards` (token files), `atomic` (crash-safe file writes), `hub`, `generation`, `evaluation` (HellaSwag), `devices`,
-`distributed` and `errors`. The model itself lives in the top-level `model.py`.
+One module per concept. Models: `pretrained` (model specs), `hf` (Hugging Face interop),
+`checkpoint`, `tokenizer`. Data: `shards` (token files), `atomic` (crash-safe file writes), `hub`.
+Using a model: `generation`, `evaluation` (HellaSwag). Running: `devices`, `distributed`, `errors`.
+The model itself lives in the top-level `model.py`.
 """

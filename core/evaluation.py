@@ -63,6 +63,24 @@ def hellaswag_file(path: Path | None = None) -> Path:
     return cached
 
 
+def hellaswag_file_on_every_rank(path: Path | None = None) -> Path:
+    """`hellaswag_file` under torch.distributed: rank 0 alone downloads, and its failure ends every
+    rank with the same message (the others would otherwise wait for it forever)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return hellaswag_file(path)
+    found, failure = None, None
+    if dist.get_rank() == 0:
+        try:
+            found = hellaswag_file(path)
+        except UserError as error:
+            failure = str(error)
+    shared = [found, failure]
+    dist.broadcast_object_list(shared, src=0)  # the other ranks wait here for rank 0's answer
+    if shared[1] is not None:
+        raise UserError(shared[1])
+    return shared[0]
+
+
 def download(url: str, destination: Path) -> None:
     """Fetch `url` into `destination` through a temporary file, so that a failed download leaves nothing."""
     import requests
