@@ -27,7 +27,9 @@ from tqdm import tqdm
 from core.errors import UserError
 from model import GPT
 
-HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+# GPT2_TOOLKIT_HELLASWAG_URL points the download at a mirror (or, in the tests, at a local server).
+HELLASWAG_URL = os.environ.get("GPT2_TOOLKIT_HELLASWAG_URL",
+                               "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl")
 CACHE_DIR = Path(os.environ.get("GPT2_TOOLKIT_CACHE", Path.home() / ".cache" / "gpt2-toolkit"))
 
 
