@@ -24,9 +24,7 @@ too; they carry no tokenizer name, so they are taken to be gpt2, which is what b
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +42,6 @@ SUFFIX = ".bin"
 LEGACY_TOKENIZER = "gpt2"
 _NUMPY_MAGIC = b"\x93NUMPY"
 _SHARD_NAME = re.compile(r"^(?P<prefix>.+)_(?P<split>[A-Za-z0-9]+)_(?P<index>\d{6})(?P<suffix>\.bin|\.npy)$")
-# Test hook: writing the shard of this name kills the process half-way, as a crash or `kill -9` would.
-KILL_MID_WRITE_ENV = "GPT2_TOOLKIT_TEST_KILL_WRITING"
 
 
 @dataclass(frozen=True)
@@ -109,7 +105,6 @@ class ShardWriter:
         if len(self._name) > 32:
             raise ValueError(f"tokenizer name {tokenizer!r} is longer than 32 bytes")
         self.num_tokens = 0
-        self._kill_mid_write = os.environ.get(KILL_MID_WRITE_ENV) == self.path.name
         self._file = AtomicFile(self.path)
         self._file.write(bytes(HEADER_SIZE))
 
@@ -117,9 +112,6 @@ class ShardWriter:
         """Append tokens (any integer dtype; each must be below the vocabulary size)."""
         if tokens.size and int(tokens.max()) >= self.vocab_size:
             raise ValueError(f"token id {int(tokens.max())} is outside the vocabulary of {self.vocab_size}")
-        if self.num_tokens and self._kill_mid_write:  # die as `kill -9` would, with data on disk
-            self._file.file.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
         self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype))
         self.num_tokens += tokens.size
 

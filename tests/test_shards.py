@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import shards
+from core import atomic
 from core.errors import UserError
 from core.shards import HEADER_SIZE, ShardWriter, list_shards, open_shard, read_shard_info, shard_path, write_shard
 
@@ -153,7 +153,7 @@ def test_a_failed_write_leaves_neither_shard_nor_temporary_file(tmp_path: Path,
     def fail(descriptor: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shards.os, "fsync", fail)
+    monkeypatch.setattr(atomic.os, "fsync", fail)
     with pytest.raises(OSError, match="No space left"):
         gpt2_shard(tmp_path)
     assert list(tmp_path.iterdir()) == []
