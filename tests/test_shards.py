@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,26 @@ def test_gpt2_shard_round_trips_as_uint16_with_its_header(tmp_path: Path) -> Non
     assert read.dtype == np.uint16 and read.tolist() == tokens.tolist()
     with pytest.raises(ValueError):
         read[0] = 1  # a read-only map: training can never scribble on its data
+
+
+def test_header_fields_sit_at_the_documented_offsets(tmp_path: Path) -> None:
+    # The table in core/shards.py's docstring, read field by field with struct, not with the module's HEADER.
+    tokens = np.array([50256, 15496, 11, 0, 50255, 7, 7], dtype=np.uint32)
+    data = write_shard(tmp_path / "corpus_train_000000.bin", tokens, "gpt2", 50257).read_bytes()
+    assert data[0:8] == b"GPT2TOKS"
+    assert struct.unpack_from("<I", data, 8) == (1,)  # version
+    assert struct.unpack_from("<I", data, 12) == (2,)  # token_bytes
+    assert struct.unpack_from("<Q", data, 16) == (7,)  # num_tokens
+    assert struct.unpack_from("<I", data, 24) == (50257,)  # vocab_size
+    assert struct.unpack_from("<I", data, 28) == (0,)  # reserved
+    assert data[32:64] == b"gpt2" + bytes(28)  # tokenizer, NUL-padded
+    assert list(struct.unpack_from("<7H", data, 64)) == tokens.tolist() and len(data) == 64 + 2 * 7
+
+    data = write_shard(tmp_path / "zh_train_000000.bin", np.array([100257, 3], dtype=np.uint32), "cl100k_base",
+                       100277).read_bytes()
+    assert struct.unpack_from("<IQI", data, 12) == (4, 2, 100277)
+    assert data[32:64] == b"cl100k_base" + bytes(21)
+    assert struct.unpack_from("<2I", data, 64) == (100257, 3) and len(data) == 64 + 4 * 2
 
 
 def test_cl100k_shard_is_uint32_and_keeps_large_ids(tmp_path: Path) -> None:

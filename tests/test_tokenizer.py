@@ -24,6 +24,38 @@ def test_gpt2_encodes_the_build_nanogpt_prompt_offline(no_network: None) -> None
     assert encoding.encode("<|endoftext|>", allowed_special="all") == [50256]
 
 
+# tiktoken's gpt2 ids for these texts, pasted as literals: computed with get_tokenizer("gpt2") and checked
+# equal to two independent implementations built from the same encoder.json and vocab.bpe, transformers'
+# GPT2Tokenizer (Python) and GPT2TokenizerFast (Rust). Case, contractions, digits, whitespace runs, and
+# multi-byte characters each exercise a different branch of the split regex.
+GPT2_IDS = {
+    "HELLO World! I'M DON'T we'll they've you're she'd":
+        [13909, 3069, 46, 2159, 0, 314, 6, 44, 23917, 6, 51, 356, 1183, 484, 1053, 345, 821, 673, 1549],
+    "Numbers: 3.14159, 1234567890 and 2024-11-27.":
+        [49601, 25, 513, 13, 1415, 19707, 11, 17031, 2231, 30924, 3829, 290, 48609, 12, 1157, 12, 1983, 13],
+    "tabs\tand    four spaces,\n\n\nthree newlines  \n":
+        [8658, 82, 197, 392, 220, 220, 220, 1440, 9029, 11, 628, 198, 15542, 649, 6615, 220, 220, 198],
+    "naïve café 你好 🙂 Ωμέγα Привет":
+        [2616, 38776, 40304, 220, 19526, 254, 25001, 121, 32485, 7377, 102, 34703, 138, 255, 42063, 17394, 12466,
+         253, 21169, 18849, 38857, 16843, 20375],
+    "   leading and trailing   ": [220, 220, 3756, 290, 25462, 220, 220, 220],
+    "it's  ''quoted''  x's 's": [270, 338, 220, 10148, 421, 5191, 7061, 220, 2124, 338, 705, 82],
+}
+TINYSHAKESPEARE_GPT2_TOKENS = 338025  # the same three implementations agree
+
+
+@pytest.mark.parametrize("text", GPT2_IDS)
+def test_gpt2_ids_are_tiktokens(text: str) -> None:
+    encoding = get_tokenizer("gpt2")
+    assert encoding.encode_ordinary(text) == GPT2_IDS[text]
+    assert encoding.decode(GPT2_IDS[text]) == text
+
+
+def test_tinyshakespeare_has_tiktokens_gpt2_token_count(shared_data: Path) -> None:
+    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()
+    assert len(get_tokenizer("gpt2").encode_ordinary(text)) == TINYSHAKESPEARE_GPT2_TOKENS
+
+
 def test_gpt2_round_trips_text(no_network: None, shared_data: Path) -> None:
     text = (shared_data / "text" / "tinyshakespeare.txt").read_text()[:20000]
     encoding = get_tokenizer("gpt2")
