@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from core import evaluation
 from core.checkpoint import save_checkpoint
 from core.errors import UserError
-from core.evaluation import Example, evaluate, read_hellaswag, summarize
+from core.evaluation import Example, Result, evaluate, hellaswag_file, read_hellaswag, summarize
 from core.hf import export_hf
 from core.pretrained import load_model
 from core.tokenizer import get_tokenizer
@@ -24,6 +28,7 @@ from tests.weights import redraw_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_VOCAB = 1024
+REFUSING_URL = "http://127.0.0.1:9/hellaswag_val.jsonl"  # the discard port: nothing listens, on any machine
 
 
 def random_model(vocab_size: int, block_size: int = 256) -> GPT:
@@ -79,12 +84,27 @@ def test_hf_folder_and_our_checkpoint_score_the_same(tmp_path: Path, hellaswag_p
 
 
 def test_summary_counts() -> None:
-    results = evaluate(random_model(64, 32), [Example(i, [1, 2, 3], [[4], [5, 6], [7], [8, 9, 10]], label=i % 4)
-                                               for i in range(8)], progress=False)
-    summary = summarize(results)
-    assert summary["n"] == 8
-    assert summary["acc"] == sum(r.pred == r.label for r in results) / 8
-    assert summary["acc_norm"] == sum(r.pred_norm == r.label for r in results) / 8
+    # (label, pred, pred_norm): pred is right 3 times in 8, pred_norm 5 times, counted by hand.
+    rows = [(0, 0, 0), (1, 1, 2), (2, 3, 2), (3, 3, 3), (0, 1, 0), (1, 2, 1), (2, 0, 3), (3, 1, 0)]
+    results = [Result(i, label, pred, pred_norm, [0.0] * 4, [0.0] * 4)
+               for i, (label, pred, pred_norm) in enumerate(rows)]
+    assert summarize(results) == {"acc": 3 / 8, "acc_norm": 5 / 8, "n": 8}
+
+
+def test_examples_are_tokenized_as_build_nanogpt_does(tmp_path: Path) -> None:
+    # encode(ctx) and encode(" " + ending); the ids are tiktoken's, checked with transformers' GPT2Tokenizer.
+    row = {"ctx": "A man is sitting on a roof. He", "label": 3,
+           "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                       "is holding a rubik's cube.", "starts pulling up roofing on a roof."]}
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    [example] = read_hellaswag(path, get_tokenizer("gpt2"))
+    assert example.context == [32, 582, 318, 5586, 319, 257, 9753, 13, 679]
+    assert example.endings == [[318, 1262, 14441, 284, 14441, 257, 5166, 286, 1341, 271, 13],
+                               [318, 34759, 1241, 19867, 572, 13],
+                               [318, 4769, 257, 6437, 1134, 338, 23441, 13],
+                               [4940, 10427, 510, 9753, 278, 319, 257, 9753, 13]]
+    assert (example.index, example.label) == (0, 3)
 
 
 GOOD = {"ctx": "A man is", "endings": ["a", "b", "c", "d"], "label": 1}
@@ -112,9 +132,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GPT2_TOOLKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+def run(command: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GPT2_TOOLKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", **env}
+    # --device cpu: with auto, a GPU box would run these on CUDA (and torchrun's rank 1 on a GPU it may lack).
+    return subprocess.run([*command, "--device", "cpu"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=env)
 
 
 def test_two_ranks_give_the_same_totals_as_one(checkpoint: Path, hellaswag_path: Path, tmp_path: Path) -> None:
@@ -135,15 +157,55 @@ def test_two_ranks_give_the_same_totals_as_one(checkpoint: Path, hellaswag_path:
 
 
 def test_offline_without_data_is_a_clear_error(checkpoint: Path, tmp_path: Path) -> None:
-    result = run([sys.executable, "hellaswag.py", "-m", str(checkpoint), "--limit", "5"], tmp_path)
-    assert result.returncode == 2
-    assert "cannot download" in result.stderr and "--data PATH" in result.stderr
+    result = run([sys.executable, "hellaswag.py", "-m", str(checkpoint), "--limit", "5"], tmp_path,
+                 GPT2_TOOLKIT_HELLASWAG_URL=REFUSING_URL)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot download {REFUSING_URL}" in result.stderr and "--data PATH" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "cache").rglob("*.jsonl*"))  # no partial file left behind
 
 
 def test_a_failed_download_ends_every_rank(checkpoint: Path, tmp_path: Path) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = run([*torchrun, "hellaswag.py", "-m", str(checkpoint), "--limit", "5", "--no-progress"], tmp_path)
+    result = run([*torchrun, "hellaswag.py", "-m", str(checkpoint), "--limit", "5", "--no-progress"], tmp_path,
+                 GPT2_TOOLKIT_HELLASWAG_URL=REFUSING_URL)
     assert result.returncode != 0
-    assert result.stderr.count("cannot download") >= 2  # rank 0's message, raised by both ranks
+    assert result.stderr.count(f"cannot download {REFUSING_URL}") >= 2  # rank 0's message, raised by both ranks
+
+
+@pytest.fixture
+def html_server() -> Iterator[str]:
+    """A loopback server that answers every GET with an HTML page and status 200, as a captive portal
+    or a proxy's error page does; yields its URL."""
+
+    class Portal(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!DOCTYPE html><html><body>Please sign in to the network</body></html>\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Portal)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hellaswag_val.jsonl"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_page_that_is_not_hellaswag_is_refused(html_server: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluation, "HELLASWAG_URL", html_server)
+    monkeypatch.setattr(evaluation, "CACHE_DIR", tmp_path)
+    with pytest.raises(UserError, match=rf"{html_server} did not return HellaSwag JSONL \(it starts "
+                                        r"'<!DOCTYPE html>.*--data PATH"):
+        hellaswag_file()
+    assert list(tmp_path.rglob("*.jsonl*")) == []  # neither the page nor a partial file is kept
