@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -37,8 +37,8 @@ class GPTConfig:
     n_inner: int | None = None  # MLP hidden width; None means 4 * n_embd, as in GPT-2
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
-    # Embedding rows are padded up to a multiple of this: 50257 -> 50304 (multiple of 64) makes
-    # the head matmul noticeably faster on GPUs. The padded rows are sliced off the logits.
+    # Embedding rows are padded up to a multiple of this (50257 -> 50304 for 64, build-nanogpt's
+    # GPU-friendly size); the head multiplies by the first vocab_size rows only (see GPT.logits).
     vocab_multiple: int = 1
 
     def __post_init__(self) -> None:
@@ -109,25 +109,31 @@ class KVCache:
         return self.k[layer, : k.size(0), :, :end], self.v[layer, : k.size(0), :, :end]
 
 
-class Linear(nn.Linear):
-    """nn.Linear, with a faster formulation for products of a few rows on the CPU.
+SKINNY_ROWS = 64  # measured: faster up to 64 rows, much slower at 128
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with a faster formulation for products of a few rows on the CPU.
 
     Decoding a batch of samples multiplies a few rows by each weight. CPU BLAS runs x @ W.T with
     so few rows far below memory bandwidth; the same product as (W @ x.T).T makes the weight the
     long side of the GEMM and runs 1.5-3x faster (measured on AMD EPYC, bench/bench_sample.py).
     GPUs are left to cuBLAS, which picks well on its own.
     """
+    rows = x.numel() // x.size(-1)
+    if x.device.type != "cpu" or rows > SKINNY_ROWS:
+        return F.linear(x, weight, bias)
+    y = (weight @ x.reshape(rows, -1).T).T  # (rows, out_features)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], -1)
 
-    SKINNY_ROWS = 64  # measured: faster up to 64 rows, much slower at 128
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.size(-1)
-        if x.device.type != "cpu" or rows > self.SKINNY_ROWS:
-            return F.linear(x, self.weight, self.bias)
-        y = (self.weight @ x.reshape(rows, -1).T).T  # (rows, out_features)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], -1)
+        return linear(x, self.weight, self.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -258,9 +264,11 @@ class GPT(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., C) hidden states -> (..., vocab_size) logits."""
-        # Padded vocab rows only exist for matmul speed: cut them off here so that nothing downstream
-        # (loss, sampling, scoring) can ever see them. The slice is a view, not a copy.
-        return self.lm_head(hidden)[..., : self.config.vocab_size]
+        # Only the first vocab_size rows of the head: padded rows never reach the loss, sampling or
+        # scoring. Slicing the weight's rows is a contiguous view and keeps the logits contiguous;
+        # slicing the logits instead would copy the largest activation of a small GPT, and again
+        # its gradient, at every step.
+        return linear(hidden, self.lm_head.weight[: self.config.vocab_size])
 
     @property
     def device(self) -> torch.device:
@@ -293,6 +301,17 @@ class GPT(nn.Module):
 
         model, _ = load_model(spec, device=device, dtype=dtype)
         return model
+
+    def with_settings(self, vocab_multiple: int, dropout: float) -> GPT:
+        """This model's weights under new training settings: embedding rows padded to a multiple of
+        `vocab_multiple` (50257 -> 50304 for 64; the new rows are zero, never an input, and `logits`
+        cuts them off the output) and another dropout rate (HF's gpt2 configs say 0.1)."""
+        config = replace(self.config, vocab_multiple=vocab_multiple, dropout=dropout)
+        weights = {key: value for key, value in self.state_dict().items() if key != "lm_head.weight"}
+        wte = weights["transformer.wte.weight"][: config.vocab_size]
+        padding = wte.new_zeros(config.padded_vocab_size - config.vocab_size, config.n_embd)
+        weights["transformer.wte.weight"] = torch.cat([wte, padding])
+        return GPT.from_state_dict(config, weights).train(self.training)
 
     @classmethod
     def from_state_dict(cls, config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:

@@ -1,0 +1,213 @@
+"""The training run's settings: one flat dataclass, read from TOML and overridden from the command line.
+
+Every field is a TOML key and a flag: `max_lr = 6e-4` in a file is `--max-lr 6e-4` on the command
+line, typed from the field. The defaults are build-nanogpt's GPT-2 124M recipe on FineWeb-Edu 10B.
+Unknown keys are refused by name, with the nearest known key suggested: a typo must never leave a
+setting silently at its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import sys
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from core.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
+
+@dataclass
+class TrainConfig:
+    # data and logs
+    data_dir: str = "edu_fineweb10B"  # the folder `python fineweb.py` writes
+    log_dir: str = "log"
+    shuffle: bool = False  # shuffle shards and sequences each epoch, from `seed` (build-nanogpt reads in order)
+    # model: from scratch with this shape, or `init_from` a model spec (gpt2, an HF folder, a checkpoint)
+    init_from: str = ""
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    dropout: float = 0.0
+    vocab_multiple: int = 64  # 50257 -> 50304 embedding rows: faster head matmuls on GPUs
+    # batch: total_batch_size tokens per optimizer step, reached by gradient accumulation
+    total_batch_size: int = 524288  # 2**19, ~0.5M tokens as in GPT-3 Small
+    micro_batch_size: int = 64
+    seq_len: int = 1024
+    # optimizer and schedule (GPT-3 paper, table 2.1, as build-nanogpt)
+    max_steps: int = 19073  # 10B tokens / 2**19 tokens per step
+    warmup_steps: int = 715
+    max_lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 turns clipping off
+    # evaluation, samples, checkpoints
+    eval_interval: int = 250
+    val_tokens: int = 10_485_760  # the first tokens of the val split (build-nanogpt: 20 x 64 x 1024 x 8)
+    hellaswag_examples: int = 10042  # 0 turns HellaSwag off; 10042 is the whole validation set
+    hellaswag_data: str = ""  # a local hellaswag_val.jsonl; empty: the cache, downloaded on first use
+    sample_prompt: str = "Hello, I'm a language model,"
+    num_samples: int = 4
+    sample_tokens: int = 32
+    checkpoint_interval: int = 5000
+    keep_checkpoints: int = 3  # the newest K checkpoints stay; 0 keeps all
+    resume: str = "auto"  # auto: the newest valid checkpoint in log_dir, else a fresh start; never; or a path
+    # machine
+    seed: int = 1337
+    device: str = "auto"  # auto, cpu, cuda, mps
+    dtype: str = "auto"  # auto (bfloat16 where native, else float32), bfloat16, float32
+    compile: bool | None = None  # None: on for CUDA, off elsewhere
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead was slower on a 4090 (build-nanogpt #6)
+    peak_flops: float = 0.0  # the device's peak FLOP/s for MFU; 0: from the table, or measured on a CPU
+    tensorboard: bool = False  # also write TensorBoard event files to log_dir (needs `pip install tensorboard`)
+    progress: bool | None = None  # a progress bar; None: when stderr is a terminal
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FIELDS = {field.name: field for field in fields(TrainConfig)}
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """The base type of a field (bool, int, float or str) and whether it may be None."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(arg for arg in args if arg is not type(None)), type(None) in args
+    return hint, False
+
+
+def unknown_key_error(key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return UserError(f"{where}: unknown key {key!r}{hint}")
+
+
+def coerce(name: str, value: Any, where: str) -> Any:
+    """`value` (from TOML or a command-line string) as field `name`'s type, or a UserError."""
+    base, optional = field_type(name)
+    if isinstance(value, str) and base is not str:
+        value = parse_text(value, base, optional)
+    if value is None and optional:
+        return None
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if base is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if type(value) is not base:
+        raise UserError(f"{where}: {name} must be {'a ' + base.__name__ if base is not int else 'an int'}, "
+                        f"got {value!r}")
+    return value
+
+
+def parse_text(text: str, base: type, optional: bool) -> Any:
+    lowered = text.strip().lower()
+    if optional and lowered in ("", "none", "auto"):
+        return None
+    if base is bool:
+        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(lowered, text)
+    try:
+        number = float(text.replace("_", ""))
+    except ValueError:
+        return text
+    return number if base is float or not number.is_integer() else int(number)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except OSError as error:
+        raise UserError(f"cannot read config {path}: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{path} is not valid TOML: {error}") from None
+    for key, value in values.items():
+        if key not in FIELDS:
+            raise unknown_key_error(key, str(path))
+        if isinstance(value, dict):
+            raise UserError(f"{path}: [{key}] tables are not used; every setting is a top-level key")
+    return values
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config FILE, then one --some-key VALUE flag per field (a bool flag alone means true)."""
+    parser.add_argument("--config", type=Path, help="a TOML file of settings (see configs/); flags override it")
+    for name, field in FIELDS.items():
+        base, _ = field_type(name)
+        flag = "--" + name.replace("_", "-")
+        default = "auto" if field.default is None else field.default
+        kind = {bool: "true/false", int: "int", float: "float", str: "text"}[base]
+        parser.add_argument(flag, dest=name, metavar=kind.upper() if base is not str else "TEXT",
+                            nargs="?" if base is bool else None, const="true" if base is bool else None,
+                            default=argparse.SUPPRESS, help=f"(default: {default})")
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the TOML file, then the flags that were given."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None) is not None:
+        values.update({key: coerce(key, value, str(args.config)) for key, value in read_toml(args.config).items()})
+    for name in FIELDS:
+        if hasattr(args, name):
+            values[name] = coerce(name, getattr(args, name), "--" + name.replace("_", "-"))
+    config = TrainConfig(**values)
+    check_config(config)
+    return config
+
+
+def check_config(config: TrainConfig) -> None:
+    """Settings that can never work, refused before anything runs."""
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_multiple", "total_batch_size",
+                 "micro_batch_size", "seq_len", "max_steps", "eval_interval", "checkpoint_interval"):
+        if getattr(config, name) < 1:
+            raise UserError(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name in ("warmup_steps", "val_tokens", "hellaswag_examples", "keep_checkpoints", "num_samples",
+                 "sample_tokens", "weight_decay", "grad_clip", "peak_flops"):
+        if getattr(config, name) < 0:
+            raise UserError(f"{name} must not be negative, got {getattr(config, name)}")
+    if not 0 < config.max_lr < math.inf or not 0 <= config.min_lr_ratio <= 1:
+        raise UserError(f"max_lr must be positive and min_lr_ratio in [0, 1], got {config.max_lr}, "
+                        f"{config.min_lr_ratio}")
+    if config.n_embd % config.n_head:
+        raise UserError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+    if config.seq_len > config.block_size:
+        raise UserError(f"seq_len {config.seq_len} is longer than block_size {config.block_size}")
+    if config.dtype not in ("auto", "bfloat16", "float32"):
+        raise UserError(f"dtype {config.dtype!r} cannot train here: choose auto, bfloat16 or float32 "
+                        "(float16 would need loss scaling)")
+
+
+def grad_accum_steps(config: TrainConfig, world_size: int) -> int:
+    """Micro-steps per optimizer step: total batch / (micro-batch x seq-len x ranks), which must divide."""
+    per_micro_step = config.micro_batch_size * config.seq_len * world_size
+    if config.total_batch_size % per_micro_step:
+        raise UserError(f"total_batch_size {config.total_batch_size:,} is not a multiple of micro_batch_size "
+                        f"{config.micro_batch_size} x seq_len {config.seq_len} x {world_size} process(es) "
+                        f"= {per_micro_step:,} tokens")
+    return config.total_batch_size // per_micro_step
+
+
+def to_toml(values: dict[str, Any]) -> str:
+    """A flat dict of str, bool, int and float as TOML (None values are left out: they mean the default)."""
+    lines = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        text = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,87 @@
+"""Training checkpoints that resume exactly: where they live, which one to resume, what they hold
+beyond the weights (the random number generators' states), and how many to keep.
+
+A run's checkpoints are LOG_DIR/checkpoints/step_NNNNNN/, N optimizer steps done, each one of our
+checkpoint folders (core/checkpoint.py: sample.py, hellaswag.py and export_hf.py read it as is) with
+trainer_state.pt beside the weights.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.checkpoint import WEIGHTS_FILE, read_meta, read_tensor_file, read_trainer_state
+from core.errors import UserError
+
+_STEP_FOLDER = re.compile(r"^step_(\d{6,})$")
+
+
+def checkpoint_folder(log_dir: Path, step: int) -> Path:
+    return log_dir / "checkpoints" / f"step_{step:06d}"
+
+
+def list_checkpoints(log_dir: Path) -> list[Path]:
+    """The step_NNNNNN folders of a run, oldest first (half-written ones have hidden temporary names)."""
+    root = log_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [path for path in root.iterdir() if path.is_dir() and _STEP_FOLDER.match(path.name)]
+    return sorted(found, key=lambda path: int(_STEP_FOLDER.match(path.name)[1]))
+
+
+def load_resumable(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """A checkpoint's meta, trainer state and weights, each checked; UserError names what is wrong."""
+    meta = read_meta(folder)
+    trainer_state = read_trainer_state(folder)
+    weights = read_tensor_file(folder / WEIGHTS_FILE)
+    return meta, trainer_state, weights
+
+
+def newest_resumable(log_dir: Path, warn: Any = print) -> tuple[Path, tuple] | None:
+    """The newest checkpoint of the run that loads whole, and what it holds; damaged ones are skipped
+    with a warning (a crash mid-write, a disk that filled up)."""
+    for folder in reversed(list_checkpoints(log_dir)):
+        try:
+            return folder, load_resumable(folder)
+        except UserError as error:
+            warn(f"warning: skipping checkpoint {folder}: {error}")
+    return None
+
+
+def prune_checkpoints(log_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (keep 0 keeps all)."""
+    if keep > 0:
+        for folder in list_checkpoints(log_dir)[:-keep]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator a training step may draw from (dropout, shuffling), in weights_only-safe types."""
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value: Any) -> Any:
+    """random.setstate wants the nested tuples that a round trip through a pickle may turn into lists."""
+    return tuple(_tuples(item) for item in value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,421 @@
+"""train_gpt2.py and its core pieces (config, optimizer, schedule, loader, checkpoints), each against an
+independent reference: the formula by hand, a single-process run for DDP, an uninterrupted run for resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fineweb
+import train_gpt2
+from core.checkpoint import save_checkpoint
+from core.config import TrainConfig, read_toml
+from core.data import TokenLoader, ValSet
+from core.errors import UserError
+from core.optim import decay_groups, learning_rate
+from core.shards import list_shards, open_shard, write_shard
+from model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+# A model small enough for a step to take a fraction of a second on one core.
+SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--seq-len", "32",
+         "--micro-batch-size", "4", "--warmup-steps", "2", "--max-lr", "1e-3", "--val-tokens", "0",
+         "--hellaswag-examples", "0", "--num-samples", "0", "--device", "cpu", "--progress", "false"]
+
+
+@pytest.fixture(scope="session")
+def shakespeare_shards(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """Tiny Shakespeare as fineweb.py writes it: a paragraph per document, 32k val tokens, 100k-token shards."""
+    out = tmp_path_factory.mktemp("shakespeare")
+    fineweb.main(["--input", str(shared_data / "text" / "tinyshakespeare.txt"), "--txt-paragraphs",
+                  "--out", str(out), "--prefix", "shakespeare", "--val-tokens", "32768", "--shard-size", "100000",
+                  "--workers", "1"])
+    return out
+
+
+def run_script(script: Path, *args: str, cwd: Path, env: dict | None = None,
+               torchrun: int = 0) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    command = [*(launcher if torchrun else [sys.executable]), str(script), *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)})
+
+
+def train(data: Path, log_dir: Path, *args: str, torchrun: int = 0, script: Path | None = None,
+          cwd: Path | None = None) -> subprocess.CompletedProcess:
+    result = run_script(script or ROOT / "train_gpt2.py", "--data-dir", str(data), "--log-dir", str(log_dir),
+                        *SMALL, *args, cwd=cwd or log_dir.parent, torchrun=torchrun)
+    return result
+
+
+def records(log_dir: Path, kind: str) -> list[dict]:
+    lines = (log_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["kind"] == kind]
+
+
+def final_weights(log_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(log_dir / "checkpoints" / f"step_{step:06d}" / "model.safetensors")
+
+
+# -- schedule, optimizer groups, config ----------------------------------------------------------------
+
+def test_learning_rate_follows_warmup_then_cosine() -> None:
+    max_lr, min_lr, warmup, steps = 6e-4, 6e-5, 10, 110
+    assert learning_rate(0, max_lr, min_lr, warmup, steps) == pytest.approx(6e-5)  # (0 + 1) / 10 of max
+    assert learning_rate(9, max_lr, min_lr, warmup, steps) == pytest.approx(6e-4)  # end of warmup
+    assert learning_rate(10, max_lr, min_lr, warmup, steps) == pytest.approx(6e-4)  # cos(0) = 1
+    assert learning_rate(60, max_lr, min_lr, warmup, steps) == pytest.approx(3.3e-4)  # halfway: (max + min) / 2
+    assert learning_rate(35, max_lr, min_lr, warmup, steps) == pytest.approx(
+        6e-5 + 0.5 * (1 + math.cos(math.pi / 4)) * 5.4e-4)  # a quarter of the way
+    assert learning_rate(110, max_lr, min_lr, warmup, steps) == pytest.approx(6e-5)
+    assert learning_rate(500, max_lr, min_lr, warmup, steps) == pytest.approx(6e-5)
+
+
+def test_weight_decay_applies_to_exactly_the_2d_parameters() -> None:
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=8))
+    decay, no_decay = decay_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(param): name for name, param in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    expected = {"transformer.wte.weight", "transformer.wpe.weight"} | {
+        f"transformer.h.{i}.{name}.weight" for i in range(2)
+        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert decayed == expected  # the tied head is the same tensor as wte: listed once
+    assert {names[id(p)] for p in no_decay["params"]} == set(names.values()) - expected
+    assert all(name.endswith(".bias") or ".ln_" in name for name in (names[id(p)] for p in no_decay["params"]))
+
+
+def test_toml_and_flags_make_the_config(tmp_path: Path) -> None:
+    config_file = tmp_path / "run.toml"
+    config_file.write_text('max_lr = 1e-3\nn_layer = 6\nshuffle = true\ndata_dir = "somewhere"\n')
+    config = train_gpt2.parse_config(["--config", str(config_file), "--n-layer", "8", "--compile", "false",
+                                      "--total-batch-size", "1e6", "--micro-batch-size", "8", "--tensorboard"])
+    assert (config.max_lr, config.n_layer, config.shuffle, config.data_dir) == (1e-3, 8, True, "somewhere")
+    assert config.compile is False and config.tensorboard is True and config.total_batch_size == 1_000_000
+    assert train_gpt2.parse_config([]) == TrainConfig()  # the defaults: build-nanogpt's recipe
+    for shipped in sorted((ROOT / "configs").glob("*.toml")):
+        read_toml(shipped)  # every shipped config names only known keys
+
+
+@pytest.mark.parametrize(("argv", "toml", "message"), [
+    (["--max-setps", "5"], None, "unknown key 'max_setps'; did you mean 'max_steps'?"),
+    ([], "warmup_step = 5\n", "unknown key 'warmup_step'; did you mean 'warmup_steps'?"),
+    (["--n-layer", "two"], None, "n_layer must be an int, got 'two'"),
+    (["--seq-len", "2048"], None, "seq_len 2048 is longer than block_size 1024"),
+    (["--dtype", "float16"], None, "float16 would need loss scaling"),
+])
+def test_bad_settings_fail_in_one_line(argv: list[str], toml: str | None, message: str, tmp_path: Path) -> None:
+    if toml is not None:
+        (tmp_path / "bad.toml").write_text(toml)
+        argv = ["--config", str(tmp_path / "bad.toml"), *argv]
+    with pytest.raises(UserError) as raised:
+        train_gpt2.parse_config(argv)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_impossible_runs_fail_at_start_in_one_line(shakespeare_shards: Path, tmp_path: Path) -> None:
+    cl100k = tmp_path / "cl100k"
+    (tmp_path / "text.txt").write_text("Some English text for a few tokens. " * 50)
+    fineweb.main(["--input", str(tmp_path / "text.txt"), "--out", str(cl100k), "--tokenizer", "cl100k_base",
+                  "--val-tokens", "0", "--workers", "1"])
+    gpt2_model = tmp_path / "gpt2_model"
+    save_checkpoint(gpt2_model, GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=8)), "gpt2")
+    cases = [
+        (["--data-dir", str(shakespeare_shards), "--total-batch-size", "1000"],
+         "total_batch_size 1,000 is not a multiple of micro_batch_size 4 x seq_len 32 x 1 process(es) = 128 tokens"),
+        (["--data-dir", str(tmp_path / "nowhere")], "does not exist: make it with `python fineweb.py`"),
+        (["--data-dir", str(cl100k), "--init-from", str(gpt2_model)],
+         "uses the 'gpt2' tokenizer but the shards in"),
+        (["--data-dir", str(shakespeare_shards), "--init-from", str(gpt2_model), "--seq-len", "48",
+          "--total-batch-size", "192", "--block-size", "64"], "seq_len 48 is longer than the model's block_size 32"),
+    ]
+    for argv, message in cases:
+        result = run_script(ROOT / "train_gpt2.py", *SMALL, "--log-dir", str(tmp_path / "log"), *argv, cwd=tmp_path)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("train_gpt2.py: error: ") and message in lines[0]
+
+
+# -- the loader --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def numbered_shards(tmp_path: Path) -> Path:
+    """Three train shards of 1000, 37 and 500 tokens whose ids count up, so every token says where it is from."""
+    start = 0
+    for index, size in enumerate([1000, 37, 500]):
+        write_shard(tmp_path / f"num_train_{index:06d}.bin", np.arange(start, start + size) % 50000, "gpt2", 50257)
+        start += size
+    return tmp_path
+
+
+def test_loader_covers_every_shard_to_its_last_whole_sequence(numbered_shards: Path) -> None:
+    T = 10
+    loader = TokenLoader(numbered_shards, "train", micro_batch=3, seq_len=T, tokenizer="gpt2")
+    per_shard = [(1000 - 1) // T, (37 - 1) // T, (500 - 1) // T]  # 99, 3, 49 sequences of T + 1 tokens
+    expected = [np.asarray(open_shard(path)[s * T: s * T + T + 1]) for path, n in
+                zip(list_shards(numbered_shards, "train"), per_shard, strict=True) for s in range(n)]
+    seen = []
+    while len(seen) < 2 * len(expected):  # two epochs: the second starts over at the first shard
+        x, y = loader.next_batch()
+        assert x.dtype == torch.int64 and x.shape == (3, T)
+        torch.testing.assert_close(x[:, 1:], y[:, :-1])
+        seen += [np.concatenate([row_x[:1], row_y]) for row_x, row_y in zip(x.numpy(), y.numpy(), strict=True)]
+    for i, sequence in enumerate(seen[: 2 * len(expected)]):
+        np.testing.assert_array_equal(sequence, expected[i % len(expected)])
+    assert loader.epoch == 2  # 101 batches of 3 read 303 sequences: the third epoch has begun
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_loader_resumes_exactly_from_its_state(numbered_shards: Path, shuffle: bool) -> None:
+    loader = TokenLoader(numbered_shards, "train", micro_batch=4, seq_len=8, tokenizer="gpt2", shuffle=shuffle, seed=3)
+    for _ in range(45):  # then 50 more batches, across the end of the epoch (124 + 4 + 62 = 190 sequences)
+        loader.next_batch()
+    state = loader.state_dict()
+    expected = [loader.next_batch()[0] for _ in range(50)]
+    fresh = TokenLoader(numbered_shards, "train", micro_batch=4, seq_len=8, tokenizer="gpt2", shuffle=shuffle, seed=3)
+    fresh.load_state_dict(state)
+    for batch in expected:
+        torch.testing.assert_close(fresh.next_batch()[0], batch, rtol=0, atol=0)
+
+
+def test_shuffled_epochs_are_permutations_of_the_same_sequences(numbered_shards: Path) -> None:
+    loader = TokenLoader(numbered_shards, "train", micro_batch=1, seq_len=8, tokenizer="gpt2", shuffle=True, seed=3)
+    epochs = [[tuple(loader.next_batch()[0][0].tolist()) for _ in range(190)] for _ in range(2)]
+    plain = TokenLoader(numbered_shards, "train", micro_batch=1, seq_len=8, tokenizer="gpt2")
+    in_order = [tuple(plain.next_batch()[0][0].tolist()) for _ in range(190)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(in_order)
+    assert epochs[0] != in_order and epochs[0] != epochs[1]
+
+
+def test_ranks_read_disjoint_slices_of_the_one_process_stream(numbered_shards: Path) -> None:
+    single = TokenLoader(numbered_shards, "train", micro_batch=6, seq_len=8, tokenizer="gpt2")
+    ranks = [TokenLoader(numbered_shards, "train", micro_batch=3, seq_len=8, tokenizer="gpt2", rank=r, world_size=2)
+             for r in range(2)]
+    for _ in range(40):
+        both = torch.cat([rank.next_batch()[0] for rank in ranks])
+        torch.testing.assert_close(both, single.next_batch()[0], rtol=0, atol=0)
+
+
+def test_val_set_is_fixed_by_val_tokens_alone(numbered_shards: Path) -> None:
+    for index, path in enumerate(list_shards(numbered_shards, "train")):
+        path.rename(numbered_shards / f"num_val_{index:06d}.bin")
+    whole = torch.cat([x for x, _ in ValSet(numbered_shards, 5, 8, "gpt2", val_tokens=800).batches()])
+    assert whole.shape == (100, 8)
+    for micro_batch, world_size in [(1, 1), (7, 1), (3, 2), (4, 3)]:
+        shares = [torch.cat([x for x, _ in ValSet(numbered_shards, micro_batch, 8, "gpt2", 800, r, world_size)
+                             .batches()]) for r in range(world_size)]
+        torch.testing.assert_close(torch.cat(shares), whole, rtol=0, atol=0)
+
+
+# -- the training loop ---------------------------------------------------------------------------------
+
+def test_tiny_config_learns_tiny_shakespeare(shakespeare_shards: Path, tmp_path: Path) -> None:
+    result = run_script(ROOT / "train_gpt2.py", "--config", str(ROOT / "configs" / "tiny.toml"),
+                        "--data-dir", str(shakespeare_shards), "--log-dir", str(tmp_path / "log"),
+                        "--device", "cpu", "--progress", "false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    val = records(tmp_path / "log", "val")
+    print(f"tiny.toml val loss: {val[0]['val_loss']:.3f} at step 0, {val[-1]['val_loss']:.3f} at step 200")
+    assert val[0]["step"] == 0 and val[0]["val_loss"] == pytest.approx(math.log(50257), abs=0.3)
+    assert val[-1]["step"] == 200 and val[-1]["val_loss"] < 6.5
+    train_records = records(tmp_path / "log", "train")
+    assert [r["step"] for r in train_records] == list(range(200))
+    for record in train_records:
+        assert {"loss", "lr", "grad_norm", "tokens_per_second", "mfu"} <= record.keys()
+    samples = records(tmp_path / "log", "sample")[-1]["samples"]
+    assert len(samples) == 2 and all(s.startswith("Hello, I'm a language model,") for s in samples)
+    log_txt = (tmp_path / "log" / "log.txt").read_text().splitlines()
+    assert log_txt[0].startswith("0 val ") and "199 train " in log_txt[-2] and log_txt[-1].startswith("200 val ")
+    # The checkpoint is an ordinary model spec for the other stages.
+    sample = run_script(ROOT / "sample.py", "-m", str(tmp_path / "log" / "checkpoints" / "step_000200"), "--device",
+                        "cpu", "--greedy", "--max-new-tokens", "5", "--json", "ROMEO:", cwd=tmp_path)
+    assert sample.returncode == 0, sample.stderr
+    assert len(json.loads(sample.stdout)["samples"][0]["tokens"]) == 5
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shakespeare_shards: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    forward = GPT.forward
+    calls = []
+
+    def poisoned(self: GPT, idx: torch.Tensor, targets: torch.Tensor | None = None, **kwargs: object) -> tuple:
+        logits, loss = forward(self, idx, targets, **kwargs)
+        calls.append(1)
+        if loss is not None and len(calls) > 6:  # micro-steps 7 and on: the 4th step (2 per step)
+            loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(UserError, match=r"the loss is nan at step 3: stopping before the update; the last good "
+                                        r"checkpoint is .*step_000002"):
+        train_gpt2.main(["--data-dir", str(shakespeare_shards), "--log-dir", str(tmp_path / "log"), *SMALL,
+                         "--total-batch-size", "256", "--max-steps", "10", "--checkpoint-interval", "2"])
+    assert [path.name for path in (tmp_path / "log" / "checkpoints").iterdir()] == ["step_000002"]
+    assert [r["step"] for r in records(tmp_path / "log", "train")] == [0, 1, 2]
+
+
+LAUNCHER = textwrap.dedent("""
+    # Runs train_gpt2.main with test instruments patched in from the outside.
+    import json, os, signal, sys
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+    import train_gpt2
+
+    mode, out = sys.argv[1], sys.argv[2]
+    if mode == "count-allreduce":  # count DDP's all-reduce rounds: one per backward that syncs
+        rounds = []
+        original_init = DistributedDataParallel.__init__
+        def init(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            def hook(state, bucket):
+                if bucket.is_last():
+                    rounds.append(1)
+                return default_hooks.allreduce_hook(state, bucket)
+            self.register_comm_hook(None, hook)
+        DistributedDataParallel.__init__ = init
+    elif mode.startswith("kill-after-step-"):  # die as `kill -9` would, right after that checkpoint
+        kill_step = int(mode.rsplit("-", 1)[1])
+        original_save = train_gpt2.save_checkpoint
+        def save(folder, *args, **kwargs):
+            result = original_save(folder, *args, **kwargs)
+            if kwargs["step"] == kill_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+        train_gpt2.save_checkpoint = save
+    train_gpt2.main(sys.argv[3:])
+    if mode == "count-allreduce":
+        with open(f"{out}.rank{dist.get_rank() if dist.is_initialized() else 0}", "w") as f:
+            json.dump(len(rounds), f)
+""")
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Path:
+    path = tmp_path / "launch_train.py"
+    path.write_text(LAUNCHER)
+    return path
+
+
+def test_ddp_with_accumulation_equals_one_process(shakespeare_shards: Path, tmp_path: Path, launcher: Path) -> None:
+    """2 ranks x 2 micro-steps and 1 rank x 4 micro-steps see the same global batch: same weights after 3 steps,
+    and DDP all-reduces once per optimizer step, not once per micro-step."""
+    common = ["--total-batch-size", "512", "--max-steps", "3", "--checkpoint-interval", "3", "--dropout", "0"]
+    single = train(shakespeare_shards, tmp_path / "single", *common)
+    assert single.returncode == 0, single.stderr
+    counts = tmp_path / "allreduce"
+    ddp = run_script(launcher, "count-allreduce", str(counts), "--data-dir", str(shakespeare_shards), "--log-dir",
+                     str(tmp_path / "ddp"), *SMALL, *common, cwd=tmp_path, torchrun=2)
+    assert ddp.returncode == 0, ddp.stderr
+    assert "batch: 512 tokens = 4 x 32 x 2 process(es) x 2 accumulation step(s)" in ddp.stdout
+    assert [json.loads(Path(f"{counts}.rank{r}").read_text()) for r in range(2)] == [3, 3]
+    single_weights, ddp_weights = final_weights(tmp_path / "single", 3), final_weights(tmp_path / "ddp", 3)
+    assert single_weights.keys() == ddp_weights.keys()
+    for name, tensor in single_weights.items():
+        torch.testing.assert_close(ddp_weights[name], tensor, atol=1e-5, rtol=0, msg=name)
+    single_losses = [r["loss"] for r in records(tmp_path / "single", "train")]
+    assert [r["loss"] for r in records(tmp_path / "ddp", "train")] == pytest.approx(single_losses, abs=1e-5)
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "torchrun-2"])
+def test_killed_run_resumes_exactly(shakespeare_shards: Path, tmp_path: Path, launcher: Path, processes: int) -> None:
+    """12 steps straight equal 6 steps, SIGKILL right after the step-6 checkpoint, then --resume auto: bitwise,
+    with shuffling and dropout on, so the data position and every random state must come back."""
+    common = ["--total-batch-size", str(256 * processes), "--max-steps", "12", "--checkpoint-interval", "6",
+              "--shuffle", "true", "--dropout", "0.1", "--val-tokens", "1024", "--eval-interval", "4"]
+    straight = train(shakespeare_shards, tmp_path / "straight", *common, torchrun=processes if processes > 1 else 0)
+    assert straight.returncode == 0, straight.stderr
+    killed_log = tmp_path / "killed"
+    killed = run_script(launcher, "kill-after-step-6", "-", "--data-dir", str(shakespeare_shards), "--log-dir",
+                        str(killed_log), *SMALL, *common, cwd=tmp_path, torchrun=processes if processes > 1 else 0)
+    assert killed.returncode != 0
+    assert [path.name for path in (killed_log / "checkpoints").iterdir()] == ["step_000006"]
+    resumed = train(shakespeare_shards, killed_log, *common, "--resume", "auto",
+                    torchrun=processes if processes > 1 else 0)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "at step 6" in resumed.stdout
+    for name, tensor in final_weights(tmp_path / "straight", 12).items():
+        assert torch.equal(final_weights(killed_log, 12)[name], tensor), name
+    for kind, key in (("train", "loss"), ("val", "val_loss")):
+        expected = [(r["step"], r[key]) for r in records(tmp_path / "straight", kind)]
+        assert [(r["step"], r[key]) for r in records(killed_log, kind)] == expected
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(shakespeare_shards: Path, tmp_path: Path) -> None:
+    log_dir = tmp_path / "log"
+    command = [sys.executable, str(ROOT / "train_gpt2.py"), "--data-dir", str(shakespeare_shards), "--log-dir",
+               str(log_dir), *SMALL, "--total-batch-size", "128", "--max-steps", "100000",
+               "--checkpoint-interval", "100000"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    metrics = log_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count('"train"') >= 2) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    done = len(records(log_dir, "train"))
+    assert f"stopped at step {done}" in stdout
+    assert [path.name for path in (log_dir / "checkpoints").iterdir()] == [f"step_{done:06d}"]
+    resumed = train(shakespeare_shards, log_dir, "--total-batch-size", "128", "--max-steps", str(done + 2))
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in records(log_dir, "train")] == list(range(done + 2))
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(shakespeare_shards: Path, tmp_path: Path) -> None:
+    log_dir = tmp_path / "log"
+    args = ["--total-batch-size", "128", "--checkpoint-interval", "2", "--keep-checkpoints", "0"]
+    assert train(shakespeare_shards, log_dir, *args, "--max-steps", "4").returncode == 0
+    weights = log_dir / "checkpoints" / "step_000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a write cut short
+    (log_dir / "checkpoints" / ".step_000006.tmp").mkdir()  # a save that never finished
+    resumed = train(shakespeare_shards, log_dir, *args, "--max-steps", "5")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "skipping checkpoint" in resumed.stdout and "step_000004" in resumed.stdout
+    assert "at step 2" in resumed.stdout
+    assert [r["step"] for r in records(log_dir, "train")] == [0, 1, 2, 3, 4]
+
+
+def test_init_from_a_model_pads_its_vocab_and_keeps_its_function(shakespeare_shards: Path, tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    original = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, dropout=0.1))
+    save_checkpoint(tmp_path / "base", original, "gpt2")
+    padded = original.with_settings(vocab_multiple=64, dropout=0.0)
+    assert padded.transformer.wte.weight.shape == (50304, 32) and padded.config.dropout == 0.0
+    idx = torch.randint(0, 50257, (2, 32))
+    torch.testing.assert_close(padded.eval()(idx)[0], original.eval()(idx)[0], rtol=0, atol=0)
+    log_dir = tmp_path / "log"
+    result = train(shakespeare_shards, log_dir, "--init-from", str(tmp_path / "base"), "--max-steps", "1",
+                   "--total-batch-size", "128", "--val-tokens", "1024")
+    assert result.returncode == 0, result.stderr
+    val = ValSet(shakespeare_shards, 4, 32, "gpt2", 1024)
+    with torch.no_grad():
+        losses = [original.eval()(x, y)[1] * y.numel() for x, y in val.batches()]
+    expected = (sum(losses) / 1024).item()
+    assert records(log_dir, "val")[0]["val_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_cl100k_shards_train_a_100277_token_model(tmp_path: Path) -> None:
+    data = tmp_path / "zh"
+    (tmp_path / "zh.txt").write_text("维基百科是一个自由的百科全书。" * 200 + "\n\n" + "中文文本。" * 300)
+    fineweb.main(["--input", str(tmp_path / "zh.txt"), "--txt-paragraphs", "--out", str(data), "--tokenizer",
+                  "cl100k_base", "--val-tokens", "0", "--workers", "1"])
+    assert open_shard(list_shards(data, "train")[0]).dtype == np.uint32
+    result = train(data, tmp_path / "log", "--max-steps", "1", "--total-batch-size", "128")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "log" / "checkpoints" / "step_000001" / "meta.json").read_text())
+    assert meta["tokenizer"] == "cl100k_base" and meta["config"]["vocab_size"] == 100277
