@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,11 +125,29 @@ def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path: Path, share
 
 
 def test_tokenize_in_order_keeps_document_order(monkeypatch: pytest.MonkeyPatch, fineweb_docs: list[str]) -> None:
-    monkeypatch.setattr(fineweb, "BATCH_CHARS", 3000)
+    monkeypatch.setattr(fineweb, "BATCH_CHARS", 1)  # a batch per document
     encoding = get_tokenizer("gpt2")
-    docs = [doc[: 50 + 997 * i % 9000] for i, doc in enumerate(fineweb_docs)]  # uneven batches finish out of order
+    docs = fineweb_docs[:24]
+    number = {id(doc): i for i, doc in enumerate(docs)}
+    done = [threading.Event() for _ in docs]
+    finished: list[int] = []
+    encode_batch = fineweb.encode_batch
+
+    def encode_out_of_order(encoding: object, texts: list[str]) -> list[np.ndarray]:
+        """Every even batch waits until the odd one after it is done, so batches surely finish out of order."""
+        i = number[id(texts[0])]
+        if i % 2 == 0 and i + 1 < len(docs):
+            done[i + 1].wait(timeout=60)
+        result = encode_batch(encoding, texts)
+        finished.append(i)
+        done[i].set()
+        return result
+
+    monkeypatch.setattr(fineweb, "encode_batch", encode_out_of_order)
     batches = list(fineweb.tokenize_in_order(iter(docs), encoding, workers=4))
-    assert len(batches) > 10
+    assert sorted(finished) == list(range(len(docs)))
+    assert all(finished.index(i + 1) < finished.index(i) for i in range(0, len(docs), 2))  # out of order, surely
+    assert len(batches) == len(docs)
     tokens = [document.tolist() for batch in batches for document in batch]
     assert tokens == [[encoding.eot_token, *encoding.encode_ordinary(doc)] for doc in docs]
 
@@ -185,7 +204,51 @@ def test_max_docs_and_max_tokens_take_samples(tmp_path: Path, fineweb_jsonl: Pat
     manifest = build("--input", fineweb_jsonl, "--out", tmp_path / "tokens", "--max-tokens", 12345,
                      "--val-tokens", 5000, "--shard-size", 4000)
     assert sum(split["tokens"] for split in manifest["splits"].values()) == 12345
-    assert len(split_tokens(tmp_path / "tokens", "val")) + len(split_tokens(tmp_path / "tokens", "train")) == 12345
+    encoding = get_tokenizer("gpt2")
+    stream = [token for doc in fineweb_docs for token in (encoding.eot_token, *encoding.encode_ordinary(doc))]
+    written = np.concatenate([split_tokens(tmp_path / "tokens", "val"), split_tokens(tmp_path / "tokens", "train")])
+    assert written.tolist() == stream[:12345]  # the first 12,345 tokens of the stream, the last document cut
+
+
+def test_folders_are_read_recursively_in_sorted_order_without_dot_files(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    files = {"b.txt": "bee", "a/z.txt": "zed", "a/b/c.jsonl": '{"text": "c1"}\n{"text": "c2"}\n',
+             "a/b/a.parquet": None, ".git/x.txt": "hidden folder", "a/.notes.txt": "hidden file",
+             "a/b/.cache/y.jsonl": '{"text": "hidden deeper"}\n', "README.md": "not a supported type"}
+    for name, text in files.items():
+        (corpus / name).parent.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            pq.write_table(pa.table({"text": ["p1"]}), corpus / name)
+        else:
+            (corpus / name).write_text(text)
+    (tmp_path / "last.txt").write_text("given after")
+    build("--input", corpus, tmp_path / "last.txt", "--out", tmp_path / "out", "--val-tokens", 0)
+    # The folder's files by path (a/b/a.parquet, a/b/c.jsonl, a/z.txt, b.txt), then the file given after it.
+    assert decode(tmp_path / "out", "train") == "".join(EOT + doc for doc in ["p1", "c1", "c2", "zed", "bee",
+                                                                               "given after"])
+
+
+def test_val_holds_at_least_the_first_document(tmp_path: Path, fineweb_jsonl: Path, fineweb_docs: list[str]) -> None:
+    build("--input", fineweb_jsonl, "--out", tmp_path, "--val-tokens", 1)
+    assert decode(tmp_path, "val") == EOT + fineweb_docs[0]  # far more than one token, and val all the same
+    assert decode(tmp_path, "train") == "".join(EOT + doc for doc in fineweb_docs[1:])
+
+
+def test_val_size_defaults_to_one_shard(tmp_path: Path, fineweb_jsonl: Path, fineweb_docs: list[str]) -> None:
+    manifest = build("--input", fineweb_jsonl, "--out", tmp_path, "--shard-size", 20000)
+    assert manifest["settings"]["val_tokens"] == 20000
+    encoding = get_tokenizer("gpt2")
+    sizes = [1 + len(encoding.encode_ordinary(doc)) for doc in fineweb_docs]
+    n_val = next(n for n in range(len(sizes)) if sum(sizes[: n + 1]) > 20000)  # whole documents within 20,000
+    assert decode(tmp_path, "val") == "".join(EOT + doc for doc in fineweb_docs[:n_val])
+    assert [path.name for path in list_shards(tmp_path, "val")] == ["edufineweb_val_000000.bin"]
+
+
+def test_a_val_that_takes_everything_warns_that_train_is_empty(tmp_path: Path, fineweb_jsonl: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    build("--input", fineweb_jsonl, "--out", tmp_path, "--val-tokens", 10_000_000)
+    assert "warning: train is empty: every document went to val (--val-tokens 10,000,000)" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*_train_*"))
 
 
 def test_a_complete_run_is_not_redone_and_other_settings_are_refused(tmp_path: Path, fineweb_jsonl: Path,
