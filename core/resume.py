@@ -63,23 +63,32 @@ def prune_checkpoints(log_dir: Path, keep: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every generator a training step may draw from (dropout, shuffling), in weights_only-safe types."""
-    numpy_state = np.random.get_state()
+    """Every generator a training step may draw from (dropout, shuffling), as plain bytes and ints: what
+    weights_only pickles and torch.distributed's object collectives both carry."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, keys.astype("<u4").tobytes(), position, has_gauss, cached_gaussian],
+        "torch": _bytes(torch.get_rng_state()),
+        "cuda": [_bytes(state) for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_tuples(state["python"]))
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((kind, np.frombuffer(keys, dtype="<u4").copy(), *rest))
+    torch.set_rng_state(_tensor(state["torch"]))
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_tensor(item) for item in state["cuda"]])
+
+
+def _bytes(state: torch.Tensor) -> bytes:
+    return state.numpy().tobytes()
+
+
+def _tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _tuples(value: Any) -> Any:
