@@ -418,3 +418,52 @@ def test_cl100k_shards_train_a_100277_token_model(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "log" / "checkpoints" / "step_000001" / "meta.json").read_text())
     assert meta["tokenizer"] == "cl100k_base" and meta["config"]["vocab_size"] == 100277
+
+
+def test_mfu_peaks_come_from_the_table_or_are_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core import mfu
+
+    cuda = torch.device("cuda", 0)
+    for name, expected in [("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10", 125e12),
+                           ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA GeForce RTX 4090", 165.2e12),
+                           ("Tesla V100-SXM2-16GB", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert mfu.peak_flops(cuda, torch.bfloat16) == expected, name
+    assert mfu.peak_flops(cuda, torch.bfloat16, override=1e15) == 1e15
+    model = GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=16))
+    # 6 per matmul weight (wpe is a lookup) + attention's 12 x n_layer x n_embd x T
+    matmul_params = model.num_params() - 64 * 16
+    assert mfu.flops_per_token(model, 64) == 6 * matmul_params + 12 * 2 * 16 * 64
+
+
+def test_hellaswag_tensorboard_and_compile_in_a_run(shakespeare_shards: Path, shared_data: Path,
+                                                    tmp_path: Path) -> None:
+    """HellaSwag records from the shared data, TensorBoard event files, and a compiled model whose
+    evaluation and sampling run on the raw module and whose checkpoint has no `_orig_mod.` names."""
+    pytest.importorskip("tensorboard")
+    log_dir = tmp_path / "log"
+    result = train(shakespeare_shards, log_dir, "--max-steps", "2", "--total-batch-size", "128", "--eval-interval",
+                   "2", "--hellaswag-examples", "8", "--hellaswag-data",
+                   str(shared_data / "hellaswag" / "hellaswag_val_1000.jsonl"), "--block-size", "256",
+                   "--num-samples", "1", "--sample-tokens", "4", "--val-tokens", "512", "--tensorboard", "--compile")
+    assert result.returncode == 0, result.stderr
+    hellaswag = records(log_dir, "hellaswag")
+    assert [r["step"] for r in hellaswag] == [0, 2] and all(r["n"] == 8 for r in hellaswag)
+    assert all(0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1 for r in hellaswag)
+    assert [r["step"] for r in records(log_dir, "sample")] == [0, 2]
+    assert list(log_dir.glob("events.out.tfevents.*"))
+    assert not any(key.startswith("_orig_mod.") for key in final_weights(log_dir, 2))
+    assert "compile = true" in (log_dir / "config.toml").read_text()
+
+
+def test_missing_hellaswag_data_offline_is_one_line_and_the_run_goes_on(shakespeare_shards: Path,
+                                                                       tmp_path: Path) -> None:
+    result = run_script(ROOT / "train_gpt2.py", "--data-dir", str(shakespeare_shards), "--log-dir",
+                        str(tmp_path / "log"), *SMALL, "--max-steps", "1", "--total-batch-size", "128",
+                        "--hellaswag-examples", "10", cwd=tmp_path,
+                        env={"GPT2_TOOLKIT_CACHE": str(tmp_path / "cache"),
+                             "GPT2_TOOLKIT_HELLASWAG_URL": "http://127.0.0.1:9/hellaswag_val.jsonl"})
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "HellaSwag" in line]
+    assert len(lines) == 1 and lines[0].startswith("HellaSwag is off for this run: cannot download"), result.stdout
+    assert not records(tmp_path / "log", "hellaswag")

@@ -1,0 +1,121 @@
+"""Training tokens/s and MFU of model.py against HF transformers' GPT2LMHeadModel, in the same run.
+
+    python bench/bench_train.py                                  # both configs, fp32 and bf16, eager and compiled
+    python bench/bench_train.py --configs small --modes eager --steps 5
+
+One training step is what train_gpt2.py does per micro-batch and optimizer step: forward with the
+loss, backward, gradient clipping at 1.0, fused AdamW. bf16 means autocast over float32 weights, as
+in training. Both models hold the same weights and see the same batches; HF runs with sdpa attention.
+MFU is against the matmul peak of the same dtype, measured here in the same run (core/mfu.py).
+Configs: GPT-2 124M at T=1024, and a small one (4 layers, 256 wide, T=256, B=8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.hardware import describe_hardware
+from core.hf import config_to_hf, state_dict_to_hf
+from core.mfu import flops_per_token, measured_peak
+from core.optim import make_optimizer
+from model import GPT, GPTConfig
+
+CONFIGS = {
+    "small": (dict(n_layer=4, n_head=4, n_embd=256, block_size=256), 8, 256),  # (model, batch, seq_len)
+    "124m": (dict(n_layer=12, n_head=12, n_embd=768, block_size=1024), 1, 1024),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def make_models(shape: dict) -> tuple[GPT, GPT2LMHeadModel]:
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(**shape, vocab_multiple=64))
+    hf_config = GPT2Config(**config_to_hf(ours.config), attn_implementation="sdpa")
+    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        setattr(hf_config, name, 0.0)
+    reference = GPT2LMHeadModel(hf_config)
+    reference.load_state_dict(state_dict_to_hf(ours), strict=False)  # strict=False: tied lm_head
+    return ours.train(), reference.train()
+
+
+def train_step(model: torch.nn.Module, is_hf: bool, dtype: torch.dtype,
+               compiled: bool) -> Callable[[torch.Tensor], float]:
+    optimizer = make_optimizer(model, 6e-4, 0.1, (0.9, 0.95), 1e-8, torch.device("cpu"))
+    forward = torch.compile(model) if compiled else model
+
+    def step(tokens: torch.Tensor) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            inputs = tokens[:, :-1]  # HF shifts its labels itself: the same T positions for both
+            loss = forward(input_ids=inputs, labels=inputs).loss if is_hf else forward(inputs, tokens[:, 1:])[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def measure(step: Callable[[torch.Tensor], float], batches: list[torch.Tensor], warmup: int) -> tuple[float, float]:
+    """(seconds of the warm-up steps, which include any compilation; median seconds of the timed steps)."""
+    start = time.perf_counter()
+    for tokens in batches[:warmup]:
+        step(tokens)
+    warmup_seconds = time.perf_counter() - start
+    times = []
+    for tokens in batches[warmup:]:
+        start = time.perf_counter()
+        step(tokens)
+        times.append(time.perf_counter() - start)
+    return warmup_seconds, statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="small,124m")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run (default: 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, compilation included (default: 2)")
+    args = parser.parse_args()
+    print(describe_hardware())
+    peaks = {name: measured_peak(torch.device("cpu"), DTYPES[name], seconds=2.0) for name in args.dtypes.split(",")}
+    print("matmul peak measured here: " + ", ".join(f"{name} {peak / 1e9:.0f} GFLOP/s" for name, peak in peaks.items()))
+    for config_name in args.configs.split(","):
+        shape, batch, seq_len = CONFIGS[config_name]
+        generator = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, 50257, (batch, seq_len + 1), generator=generator)
+                   for _ in range(args.warmup + args.steps)]
+        tokens_per_step = batch * seq_len
+        best: dict[str, tuple[float, str]] = {}
+        print(f"\n{config_name}: {shape}, batch {batch} x {seq_len}; median of {args.steps} steps after {args.warmup}")
+        for dtype_name in args.dtypes.split(","):
+            for mode in args.modes.split(","):
+                for impl in ("ours", "HF"):
+                    ours, reference = make_models(shape)
+                    model = ours if impl == "ours" else reference
+                    step = train_step(model, impl == "HF", DTYPES[dtype_name], compiled=mode == "compiled")
+                    warmup_seconds, seconds = measure(step, batches, args.warmup)
+                    tps = tokens_per_step / seconds
+                    mfu = flops_per_token(ours, seq_len) * tps / peaks[dtype_name]
+                    label = f"{dtype_name} {mode}"
+                    print(f"  {impl:4} {label:18} {tps:9.1f} tokens/s  MFU {100 * mfu:5.1f}%  "
+                          f"(warm-up incl. compile {warmup_seconds:6.1f} s)", flush=True)
+                    if tps > best.get(impl, (0.0, ""))[0]:
+                        best[impl] = (tps, label)
+        goal = 1.5 if config_name == "small" else 1.2
+        print(f"  best ours ({best['ours'][1]}) / best HF ({best['HF'][1]}) = "
+              f"{best['ours'][0] / best['HF'][0]:.2f}x (goal {goal}x)")
+
+
+if __name__ == "__main__":
+    main()
