@@ -89,7 +89,11 @@ def main() -> None:
     args = parser.parse_args()
     print(describe_hardware())
     peaks = {name: measured_peak(torch.device("cpu"), DTYPES[name], seconds=2.0) for name in args.dtypes.split(",")}
-    print("matmul peak measured here: " + ", ".join(f"{name} {peak / 1e9:.0f} GFLOP/s" for name, peak in peaks.items()))
+    print("matmul peak measured here: " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
+    dtypes = [name for name in peaks if peaks[name] >= 0.25 * max(peaks.values())]
+    for name in sorted(set(peaks) - set(dtypes)):  # e.g. bfloat16 on a CPU without AVX-512 BF16 or AMX
+        print(f"{name} skipped: its matmuls run at {peaks[name] / max(peaks.values()):.1%} of the fastest dtype's "
+              "here (no native support), so a training step would take hours")
     for config_name in args.configs.split(","):
         shape, batch, seq_len = CONFIGS[config_name]
         generator = torch.Generator().manual_seed(0)
@@ -98,7 +102,7 @@ def main() -> None:
         tokens_per_step = batch * seq_len
         best: dict[str, tuple[float, str]] = {}
         print(f"\n{config_name}: {shape}, batch {batch} x {seq_len}; median of {args.steps} steps after {args.warmup}")
-        for dtype_name in args.dtypes.split(","):
+        for dtype_name in dtypes:
             for mode in args.modes.split(","):
                 for impl in ("ours", "HF"):
                     ours, reference = make_models(shape)
