@@ -134,11 +134,12 @@ class Trainer:
     def _find_resume_point(self) -> tuple[Path, tuple] | None:
         """The checkpoint to resume, found by rank 0 and shared, so every rank resumes the same one."""
         choice: list[Any] = [None]
+        loaded = None  # what rank 0 read while checking the newest checkpoint: not read twice
         if self.is_main:
             resume = self.config.resume
             if resume == "auto":
                 found = newest_resumable(self.log_dir, warn=self.log.print)
-                choice = [found[0] if found else None]
+                choice, loaded = ([found[0]], found[1]) if found else ([None], None)
             elif resume != "never":
                 choice = [Path(resume)]
             elif list_checkpoints(self.log_dir) or (self.log_dir / METRICS_FILE).exists():
@@ -151,7 +152,7 @@ class Trainer:
             return None
         if not folder.is_dir():
             raise UserError(f"--resume {folder}: no such checkpoint folder")
-        return folder, load_resumable(folder)
+        return folder, loaded or load_resumable(folder)
 
     def _build_model(self, resume: tuple[Path, tuple] | None) -> GPT:
         config = self.config

@@ -72,8 +72,9 @@ class RunLog:
             return
         metrics, log = self.log_dir / METRICS_FILE, self.log_dir / LOG_FILE
         if metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines(keepends=True)
-                    if line.strip() and _kept(json.loads(line)["kind"], json.loads(line)["step"], step)]
+            lines = [line for line in metrics.read_text().splitlines(keepends=True) if line.strip()]
+            kept = [line for line, record in zip(lines, map(json.loads, lines), strict=True)
+                    if _kept(record["kind"], record["step"], step)]
             write_file_atomically(metrics, "".join(kept).encode())
         if log.exists():
             names = {name: kind for kind, (name, _, _) in _LOG_NAMES.items()}
