@@ -37,6 +37,7 @@ from core.evaluation import Example, evaluate, gather_results, hellaswag_file_on
 from core.generation import Sampling, fit_to_context, generate
 from core.mfu import flops_per_token, peak_flops
 from core.optim import learning_rate, make_optimizer
+from core.plotting import plot_run
 from core.pretrained import load_model
 from core.resume import (
     checkpoint_folder,
@@ -339,7 +340,8 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------------
 
     def evaluate(self) -> None:
-        """Val loss, HellaSwag and samples, on the raw model (every rank takes part in the first two)."""
+        """Val loss, HellaSwag and samples, on the raw model (every rank takes part in the first two), then
+        the plot."""
         if self.val_set is not None:
             self.val_loss = self.validation_loss()
             self.log.record("val", self.step, val_loss=self.val_loss)
@@ -356,6 +358,8 @@ class Trainer:
             self.log.record("sample", self.step, samples=samples)
             for text in samples:
                 self.log.print(f"sample: {text!r}")
+        if self.is_main and self.config.plot:
+            plot_run(self.log_dir, self.log_dir / "plot.png")
 
     @torch.no_grad()
     def validation_loss(self) -> float:

@@ -74,6 +74,7 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead was slower on a 4090 (build-nanogpt #6)
     peak_flops: float = 0.0  # the device's peak FLOP/s for MFU; 0: from the table, or measured on a CPU
     tensorboard: bool = False  # also write TensorBoard event files to log_dir (needs `pip install tensorboard`)
+    plot: bool = True  # write log_dir/plot.png (losses, HellaSwag) at every evaluation
     progress: bool | None = None  # a progress bar; None: when stderr is a terminal
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,67 @@
+"""quickstart.sh end to end (offline, a short run, the interpreter running the tests) and plot.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from core.errors import UserError
+from core.plotting import plot_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def decoded_png(path: Path) -> tuple[int, ...]:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return matplotlib.image.imread(path).shape  # decodes every pixel: a truncated file fails here
+
+
+def test_quickstart_runs_end_to_end_offline(tmp_path: Path) -> None:
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(".git", ".venv", "log", "shakespeare",
+                                                                  "__pycache__", ".*_cache"))
+    env = {**os.environ, "QUICKSTART_PYTHON": sys.executable, "QUICKSTART_STEPS": "20",
+           "GPT2_TOOLKIT_CACHE": str(tmp_path / "cache"),
+           "GPT2_TOOLKIT_HELLASWAG_URL": "http://127.0.0.1:9/hellaswag_val.jsonl"}
+    result = subprocess.run(["bash", "quickstart.sh"], cwd=checkout, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log_dir = checkout / "log" / "quickstart"
+    records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if r["kind"] == "val"]
+    assert len(val) == 2 and val[-1] < val[0] - 1.0  # steps 0 and 20
+    assert "HellaSwag is off for this run: cannot download" in result.stdout
+    assert (log_dir / "checkpoints" / "step_000020" / "model.safetensors").is_file()
+    assert "== sampling from log/quickstart/checkpoints/step_000020" in result.stdout
+    assert result.stdout.count("> ROMEO:") == 2  # sample.py read the checkpoint: both samples printed
+    height, width, _ = decoded_png(log_dir / "plot.png")
+    assert width > height > 100
+    again = subprocess.run(["bash", "quickstart.sh"], cwd=checkout, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "complete already, nothing to do" in again.stdout and "resuming from" in again.stdout
+
+
+def test_plot_of_a_run_with_train_records_only(tmp_path: Path) -> None:
+    lines = [{"kind": "train", "step": step, "loss": 10 - step / 10, "lr": 1e-3, "grad_norm": 1.0,
+              "tokens_per_second": 1.0, "mfu": None} for step in range(30)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = subprocess.run([sys.executable, str(ROOT / "plot.py"), str(tmp_path), "--out", str(tmp_path / "p.png")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(decoded_png(tmp_path / "p.png")) == 3
+
+
+def test_plot_refuses_what_is_not_a_run(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        plot_run(tmp_path, tmp_path / "p.png")
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 0, "loss": 1.0}\nnot json\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl:2: not a metrics record"):
+        plot_run(tmp_path, tmp_path / "p.png")
