@@ -1,6 +1,6 @@
 """Export a model as a Hugging Face GPT-2 folder (config.json + model.safetensors).
 
-    python export_hf.py log/model_19072 out/my-gpt2
+    python export_hf.py log/checkpoints/step_019073 out/my-gpt2
     python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('out/my-gpt2')"
 """
 

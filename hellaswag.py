@@ -1,7 +1,7 @@
 """Zero-shot HellaSwag accuracy of any model spec, as build-nanogpt measures it.
 
     python hellaswag.py -m gpt2                       # downloads hellaswag_val.jsonl on first use
-    python hellaswag.py -m log/model_19072 --dtype bfloat16 --output log/hellaswag.jsonl
+    python hellaswag.py -m log/checkpoints/step_019073 --dtype bfloat16 --output log/hellaswag.jsonl
     torchrun --standalone --nproc_per_node=8 hellaswag.py -m gpt2-xl
 
 acc scores an ending by its summed token loss, acc_norm by its mean token loss; see core/evaluation.py.

@@ -1,7 +1,7 @@
 """Generate text from any model spec, streaming it to the terminal.
 
     python sample.py "Hello, I'm a language model,"            # 5 samples of 30 new tokens from gpt2
-    python sample.py -m log/model_19072 --top-p 0.9 "Once upon a time"
+    python sample.py -m log/checkpoints/step_019073 --top-p 0.9 "Once upon a time"
     echo "The meaning of life is" | python sample.py --json --greedy
     python sample.py --interactive                             # a prompt loop; Ctrl-D quits
 
