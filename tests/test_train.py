@@ -50,7 +50,12 @@ def run_script(script: Path, *args: str, cwd: Path, env: dict | None = None,
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
     command = [*(launcher if torchrun else [sys.executable]), str(script), *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, **(env or {}), "PYTHONPATH": with_root_on_path()})
+
+
+def with_root_on_path() -> str:
+    """PYTHONPATH with the checkout first (for the launcher script), keeping conftest's network guard."""
+    return os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def train(data: Path, log_dir: Path, *args: str, torchrun: int = 0, script: Path | None = None,
@@ -358,7 +363,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(shakespeare_shards: Path, tmp_p
                str(log_dir), *SMALL, "--total-batch-size", "128", "--max-steps", "100000",
                "--checkpoint-interval", "100000"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               env={**os.environ, "PYTHONPATH": with_root_on_path()})
     metrics = log_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().count('"train"') >= 2) and time.monotonic() < deadline:
