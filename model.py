@@ -361,8 +361,8 @@ def normalize_state_dict_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     """Map the key layouts of the wild onto ours (see `GPT.from_state_dict`); values untouched."""
     normalized = {}
     for key, value in state_dict.items():
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.removeprefix(prefix)
+        while key.startswith(_WRAPPER_PREFIXES):  # DDP around a compiled model: module._orig_mod.
+            key = key.removeprefix("_orig_mod.").removeprefix("module.")
         if key.endswith(_IGNORED_SUFFIXES):
             continue
         if key.startswith(_TOP_LEVEL_NAMES):  # the hub's gpt2 files: `h.0.attn...`, `wte.weight`

@@ -358,7 +358,7 @@ class Trainer:
             self.log.record("sample", self.step, samples=samples)
             for text in samples:
                 self.log.print(f"sample: {text!r}")
-        if self.is_main and self.config.plot:
+        if self.is_main and self.config.plot and self.step > 0:  # from the first train record on
             plot_run(self.log_dir, self.log_dir / "plot.png")
 
     @torch.no_grad()

@@ -98,6 +98,9 @@ def test_a_ddp_module_prefix_on_every_tensor_is_accepted(checkpoint: Path) -> No
     assert meta["step"] == 1
     state_dict = {f"module.{key}": value for key, value in small_model(seed=5).state_dict().items()}
     assert_same_weights(GPT.from_state_dict(CONFIG, state_dict), small_model(seed=5))
+    # DDP around a compiled model, as nanoGPT and build-nanogpt wrap it: both prefixes, DDP's outside.
+    state_dict = {f"module._orig_mod.{key}": value for key, value in small_model(seed=5).state_dict().items()}
+    assert_same_weights(GPT.from_state_dict(CONFIG, state_dict), small_model(seed=5))
 
 
 def crash_on_the_second_rename(monkeypatch: pytest.MonkeyPatch) -> None:
