@@ -49,7 +49,7 @@ def run_script(script: Path, *args: str, cwd: Path, env: dict | None = None,
                torchrun: int = 0) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
     command = [*(launcher if torchrun else [sys.executable]), str(script), *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=1800,  # a hang guard only
                           env={**os.environ, **(env or {}), "PYTHONPATH": with_root_on_path()})
 
 
