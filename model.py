@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.cross_entropy import linear_cross_entropy
 from core.errors import UserError
+from core.matmul import linear
 
 # The four OpenAI GPT-2 sizes (Radford et al. 2019, table 2); all use block_size 1024.
 PRESETS: dict[str, dict[str, int]] = {
@@ -109,28 +111,8 @@ class KVCache:
         return self.k[layer, : k.size(0), :, :end], self.v[layer, : k.size(0), :, :end]
 
 
-SKINNY_ROWS = 64  # measured: faster up to 64 rows, much slower at 128
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with a faster formulation for products of a few rows on the CPU.
-
-    Decoding a batch of samples multiplies a few rows by each weight. CPU BLAS runs x @ W.T with
-    so few rows far below memory bandwidth; the same product as (W @ x.T).T makes the weight the
-    long side of the GEMM and runs 1.5-3x faster (measured on AMD EPYC, bench/bench_sample.py).
-    GPUs are left to cuBLAS, which picks well on its own.
-    """
-    rows = x.numel() // x.size(-1)
-    if x.device.type != "cpu" or rows > SKINNY_ROWS:
-        return F.linear(x, weight, bias)
-    y = (weight @ x.reshape(rows, -1).T).T  # (rows, out_features)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], -1)
-
-
 class Linear(nn.Linear):
-    """nn.Linear through `linear`."""
+    """nn.Linear through `core.matmul.linear`, the faster of x @ W.T and (W @ x.T).T on this machine."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -227,14 +209,17 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets (B, T), the mean
-        cross-entropy over targets that are not -1. See `hidden_states` for the other arguments."""
-        logits = self.logits(self.hidden_states(idx, kv_cache, positions, attn_mask))
-        loss = None
-        if targets is not None:
-            # In float32 even when the model runs in bfloat16: the log-sum-exp over 50k logits needs it.
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), None), or, given targets (B, T),
+        (None, the mean cross-entropy over the targets that are not -1). The loss never holds all
+        the logits at once (see core/cross_entropy.py); `logits(hidden_states(idx))` gives them.
+        See `hidden_states` for the other arguments."""
+        hidden = self.hidden_states(idx, kv_cache, positions, attn_mask)
+        if targets is None:
+            return self.logits(hidden), None
+        # The head's first vocab_size rows only, as in `logits`; the loss is float32 in any dtype.
+        loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight[: self.config.vocab_size],
+                                    targets.flatten())
+        return None, loss
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
                       positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

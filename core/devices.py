@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 from core.errors import UserError
@@ -41,3 +43,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r} (choose auto, {', '.join(DTYPES)})")
     return DTYPES[name]
+
+
+def cpu_name() -> str:
+    """The processor's model name ("AMD EPYC 9R14", ...), for benchmarks and per-machine answers."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):  # not Linux
+        return platform.processor() or platform.machine()

@@ -24,13 +24,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from core.cache import cache_dir
 from core.errors import UserError
 from model import GPT
 
 # GPT2_TOOLKIT_HELLASWAG_URL points the download at a mirror (or, in the tests, at a local server).
 HELLASWAG_URL = os.environ.get("GPT2_TOOLKIT_HELLASWAG_URL",
                                "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl")
-CACHE_DIR = Path(os.environ.get("GPT2_TOOLKIT_CACHE", Path.home() / ".cache" / "gpt2-toolkit"))
+CACHE_DIR = cache_dir()
 
 
 @dataclass(frozen=True)

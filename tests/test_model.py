@@ -204,8 +204,9 @@ def test_loss_is_cross_entropy_over_real_vocab_ignoring_minus_one() -> None:
     model = GPT(config)
     idx = torch.tensor([[1, 2, 3, 4]])
     targets = torch.tensor([[2, 3, -1, 5]])
-    logits, loss = model(idx, targets)
-    assert logits.shape == (1, 4, 10)
+    logits, no_loss = model(idx)
+    no_logits, loss = model(idx, targets)
+    assert logits.shape == (1, 4, 10) and no_loss is None and no_logits is None
     log_probs = logits[0].log_softmax(-1)  # over the 10 real tokens only
     by_hand = -(log_probs[0, 2] + log_probs[1, 3] + log_probs[3, 5]) / 3
     torch.testing.assert_close(loss, by_hand)

@@ -1,0 +1,132 @@
+"""`linear`: x @ W.T (+ b), the product behind every linear layer, in whichever of its two
+formulations runs faster on this machine, measured once.
+
+A CPU BLAS runs the same product at very different speeds depending on which operand it sees as
+the long side. On a 2-core AMD EPYC (MKL, AVX2) `(W @ x.T).T` ran 1.5-3x faster than `x @ W.T` for
+the few rows of a decode step and 1.3-1.7x faster for GPT-2's 50,257-row output layer, and no faster
+for the body's products; on Intel CPUs with AMX it gains little. A rule tuned on one processor is
+wrong on the next, so the first use of each shape times both formulations and keeps the faster.
+
+The two agree to rounding, not always bit for bit (the BLAS may split the sums differently), and
+a training run must be reproducible: a resumed run, or the other rank of a DDP run, must compute
+exactly what an uninterrupted single run would. So each answer is measured once per machine and
+kept in the cache folder (`matmul.json`), under a lock so that concurrent processes (DDP ranks)
+measure each shape only once and all agree. Products that autograd differentiates always go through
+F.linear, whose backward is the well-trodden one; the training step's largest product, the output
+layer, comes here from core/cross_entropy.py, outside autograd. GPUs, and code being compiled, use
+F.linear: cuBLAS and inductor choose well on their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from core.atomic import write_file_atomically
+from core.cache import cache_dir
+from core.devices import cpu_name
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; concurrent first uses may then measure twice
+    fcntl = None
+
+# The transposed form must win by this factor to be chosen: a near tie is not worth a product that
+# may round differently from F.linear.
+MARGIN = 1.1
+TIMED_CALLS = 2
+# Products of more rows are timed on this many: on the AMD EPYC the winner was the same from 128
+# to 2048 rows for every GPT-2 shape, and timing a 2048-row output layer in full would cost seconds.
+MEASURED_ROWS = 128
+DECISIONS_FILE = "matmul.json"
+
+_decisions: dict[str, bool] = {}  # this process's copy of the machine's answers
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x (..., in), weight (out, in): (..., out)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or _needs_grad(x, weight, bias):
+        return F.linear(x, weight, bias)
+    rows = x.numel() // x.size(-1)
+    x2d = x.reshape(rows, x.size(-1))
+    key = _shape_key(rows, x2d, weight, bias)
+    transposed = _decisions.get(key)
+    if transposed is None:
+        transposed = _decisions[key] = _decide(key, x2d[:MEASURED_ROWS], weight, bias)
+    y = linear_transposed(x2d, weight, bias) if transposed else F.linear(x2d, weight, bias)
+    return y.reshape(*x.shape[:-1], y.size(-1))
+
+
+def linear_transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a 2-D x, computed as (W @ x.T).T: the weight is the long side of the GEMM."""
+    if bias is None:
+        return (weight @ x.T).T
+    return torch.addmm(bias.unsqueeze(1), weight, x.T).T
+
+
+@torch.no_grad()
+def transposed_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Times both formulations on these operands (the best of a few calls each, interleaved so that
+    a burst of load from elsewhere hits both alike)."""
+    candidates = (lambda: F.linear(x, weight, bias), lambda: linear_transposed(x, weight, bias))
+    best = [float("inf"), float("inf")]
+    for call in range(TIMED_CALLS + 1):  # call 0 warms up caches and the allocator
+        for i, product in enumerate(candidates):
+            start = time.perf_counter()
+            product()
+            if call > 0:
+                best[i] = min(best[i], time.perf_counter() - start)
+    return best[1] * MARGIN < best[0]
+
+
+def _decide(key: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The machine's answer for `key`: from the decisions file, else measured now and added to it."""
+    path = cache_dir() / DECISIONS_FILE
+    try:
+        with _locked(path):
+            decisions = _read(path)
+            if key not in decisions:
+                decisions[key] = transposed_is_faster(x, weight, bias)
+                write_file_atomically(path, (json.dumps(decisions, indent=1, sort_keys=True) + "\n").encode())
+            return decisions[key]
+    except OSError:  # no writable cache folder: measured for this process only
+        return transposed_is_faster(x, weight, bias)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _read(path: Path) -> dict[str, bool]:
+    try:
+        decisions = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: measure again
+        return {}
+    return decisions if isinstance(decisions, dict) else {}
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _shape_key(rows: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """What the answer depends on: the machine, torch and its threads, the product's shape class."""
+    # Rows as they matter to a GEMM: exact for a few (decode batches), else rounded up to a power of
+    # two up to MEASURED_ROWS (prompts of every length share one measurement per size class).
+    size_class = rows if rows <= 16 else min(1 << (rows - 1).bit_length(), MEASURED_ROWS)
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return (f"{cpu_name()} | torch {torch.__version__}, {torch.get_num_threads()} threads | "
+            f"{size_class} x {weight.size(1)} -> {weight.size(0)}, {x.dtype}, weight {weight.dtype}, "
+            f"bias {bias is not None}, autocast {autocast}")
+

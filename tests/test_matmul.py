@@ -1,0 +1,89 @@
+"""core/matmul.py: whichever formulation the measurement picks, `linear` is F.linear."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core import matmul
+
+
+def force_choice(monkeypatch: pytest.MonkeyPatch, transposed: bool, cache: Path) -> list[tuple]:
+    """Makes every measurement answer `transposed`, kept in `cache`; returns the operands of each
+    measurement, as they come."""
+    measured: list[tuple] = []
+    monkeypatch.setenv("GPT2_TOOLKIT_CACHE", str(cache))
+    monkeypatch.setattr(matmul, "_decisions", {})
+    monkeypatch.setattr(matmul, "transposed_is_faster", lambda *operands: measured.append(operands) or transposed)
+    return measured
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("rows, with_bias", [(1, True), (5, False), (300, True)])
+def test_linear_is_f_linear_either_way(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, transposed: bool,
+                                      rows: int, with_bias: bool) -> None:
+    measured = force_choice(monkeypatch, transposed, tmp_path)
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 3, 96, generator=generator)  # 3-D, as the model passes it
+    weight = torch.randn(200, 96, generator=generator)
+    bias = torch.randn(200, generator=generator) if with_bias else None
+    y = matmul.linear(x, weight, bias)
+    expected = F.linear(x, weight, bias)
+    assert y.shape == expected.shape == (rows, 3, 200)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-5)
+    assert len(measured) == 1  # measured once for this shape
+
+
+def test_products_that_need_gradients_are_f_linears_bit_for_bit(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    measured = force_choice(monkeypatch, True, tmp_path)
+    x = torch.randn(40, 96, requires_grad=True)
+    weight, bias = torch.randn(200, 96, requires_grad=True), torch.randn(200, requires_grad=True)
+    y = matmul.linear(x, weight, bias)
+    expected = F.linear(x, weight, bias)
+    assert torch.equal(y, expected) and measured == []
+    grads = torch.autograd.grad(y.square().sum(), (x, weight, bias))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, weight, bias))
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads, strict=True))
+    with torch.no_grad():
+        matmul.linear(x, weight, bias)
+    assert len(measured) == 1  # without gradients, the same operands take the measured path
+
+
+def test_each_shape_is_measured_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    measured = force_choice(monkeypatch, True, tmp_path)
+    weight = torch.randn(64, 32)
+    for rows in (3, 3, 40, 50, 64, 3000, 5000):  # size classes: 3, then 64 (three times), then 128 (twice)
+        matmul.linear(torch.randn(rows, 32), weight)
+    assert [operands[0].shape[0] for operands in measured] == [3, 40, 128]  # timed on at most 128 rows
+
+
+def test_the_real_measurement_leaves_the_result_alone() -> None:
+    x, weight, bias = torch.randn(8, 64), torch.randn(256, 64), torch.randn(256)
+    assert matmul.transposed_is_faster(x, weight, bias) in (True, False)
+    torch.testing.assert_close(matmul.linear(x, weight, bias), F.linear(x, weight, bias), rtol=0, atol=1e-5)
+
+
+def test_answers_are_kept_for_the_next_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A resumed run, or the other DDP rank, must take the same formulation as the first process."""
+    measured = force_choice(monkeypatch, True, tmp_path)
+    x, weight = torch.randn(4, 32), torch.randn(64, 32)
+    matmul.linear(x, weight)
+    assert len(measured) == 1
+    kept = json.loads((tmp_path / matmul.DECISIONS_FILE).read_text())
+    assert list(kept.values()) == [True]
+    monkeypatch.setattr(matmul, "_decisions", {})  # a new process: nothing in memory
+    monkeypatch.setattr(matmul, "transposed_is_faster", lambda *operands: pytest.fail("measured again"))
+    torch.testing.assert_close(matmul.linear(x, weight), F.linear(x, weight), rtol=0, atol=1e-5)
+    assert list(matmul._decisions.values()) == [True]
+
+
+def test_a_damaged_decisions_file_is_measured_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / matmul.DECISIONS_FILE).write_text("{not json")
+    measured = force_choice(monkeypatch, False, tmp_path)
+    matmul.linear(torch.randn(4, 32), torch.randn(64, 32))
+    assert len(measured) == 1 and list(json.loads((tmp_path / matmul.DECISIONS_FILE).read_text()).values()) == [False]
