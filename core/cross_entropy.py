@@ -1,0 +1,109 @@
+"""The training loss: the output layer and cross-entropy in one pass over chunks of rows.
+
+The output layer of a small GPT makes its largest activation: 2048 positions x 50,257 logits is
+412 MB in float32, and the plain loss writes it, its log-softmax, and both their gradients, four
+passes over memory the CPU's caches never hold (and each fresh allocation of that size costs page
+faults on top: 0.27 s for 412 MB here). Computing the loss chunk by chunk, with each chunk's
+gradient taken while its logits are still in cache, keeps a few MB live instead (the idea of
+Liger-Kernel's FusedLinearCrossEntropy, and of Wijmans et al. 2024, "Cut Your Losses").
+
+On the CPU the training step spends most of its time here, so `linear_cross_entropy` uses the
+chunked form there. GPUs use the plain form, which torch.compile fuses well (build-nanogpt's path).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from core.matmul import linear
+
+IGNORE_INDEX = -1  # targets equal to this contribute nothing (padding, the ends of packed rows)
+# The float32 logits of one chunk take at most this much memory, so the loss's memory is bounded
+# for any batch. Within it, chunks are as large as they can be: a chunk's three GEMMs run faster
+# with more rows (on the AMD EPYC, 2 x 1024 rows of GPT-2's head took 10% less time than 4 x 512
+# and 25% less than 16 x 128).
+CHUNK_BYTES = 256 * 2**20
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the logits `hidden @ weight.T` against `targets`, skipping IGNORE_INDEX.
+
+    hidden (N, C), weight (V, C), targets (N,). The same value as F.cross_entropy over float32 logits.
+    """
+    if hidden.device.type == "cpu":
+        return _chunked_linear_cross_entropy(hidden, weight, targets)
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX)
+
+
+@torch.compiler.disable  # a compiled model runs its body compiled and this loop eagerly
+def _chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets)
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and, when gradients are wanted, the gradients too, chunk by chunk;
+    backward only scales them by the incoming gradient (1 / accumulation steps in training)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+        # Under autocast the products run in its dtype, as F.linear's would; the softmax always
+        # runs in float32 (a log-sum-exp over 50k logits needs it), and so does the weight gradient's sum.
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+        with torch.autocast("cpu", enabled=False):
+            return _forward(ctx, hidden, weight, targets, dtype)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx,
+                 grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_weight * grad_loss.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None
+
+
+def _forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
+             targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    wants_grad_hidden, wants_grad_weight = ctx.needs_input_grad[:2]
+    hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
+    counted = targets != IGNORE_INDEX
+    count = counted.sum()
+    grad_hidden = torch.empty_like(hidden) if wants_grad_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if wants_grad_weight else None
+    # A low-precision product cannot accumulate into float32 in place: it lands here first. Reused,
+    # as a fresh (V, C) tensor per chunk would cost its page faults every time.
+    partial = torch.empty(weight.shape, dtype=dtype) if wants_grad_weight and dtype != torch.float32 else None
+    total = torch.zeros((), dtype=torch.float32)
+    for rows in _chunks(hidden.size(0), weight.size(0)):
+        h, keep = hidden_c[rows], counted[rows]
+        target = targets[rows].clamp(min=0).unsqueeze(1)  # ignored rows point at token 0, then count 0
+        logits = linear(h, weight_c).float()  # (r, V)
+        target_logit = logits.gather(1, target).squeeze(1)
+        peak = logits.amax(1, keepdim=True)
+        probs = logits.sub_(peak).exp_()  # in place: the chunk's one (r, V) buffer from here on
+        sum_exp = probs.sum(1, keepdim=True)
+        log_sum_exp = (peak + sum_exp.log()).squeeze(1)
+        total += torch.where(keep, log_sum_exp - target_logit, 0.0).sum()
+        if wants_grad_hidden or wants_grad_weight:
+            # d(mean loss)/d(logits) = (softmax - one_hot(target)) / count, zero on ignored rows
+            weight_of_row = keep.float().unsqueeze(1) / count
+            grad_logits = probs.mul_(weight_of_row / sum_exp)
+            grad_logits.scatter_add_(1, target, -weight_of_row)
+            grad_logits = grad_logits.to(dtype)
+            if wants_grad_hidden:
+                grad_hidden[rows] = grad_logits @ weight_c
+            if wants_grad_weight and partial is None:
+                grad_weight.addmm_(grad_logits.T, h)  # (V, C)
+            elif wants_grad_weight:
+                grad_weight += torch.mm(grad_logits.T, h, out=partial)
+    ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
+    return total / count
+
+
+def _chunks(rows: int, vocab_size: int) -> list[slice]:
+    """Equal slices of `rows` whose float32 logits fit in CHUNK_BYTES (at least one row each)."""
+    most_rows = max(1, CHUNK_BYTES // (4 * vocab_size))
+    count = -(-rows // most_rows)
+    size = -(-rows // count)
+    return [slice(start, start + size) for start in range(0, rows, size)]

@@ -1,0 +1,108 @@
+"""core/cross_entropy.py's chunked loss against F.cross_entropy over materialized logits, and the
+whole model's loss and gradients against HF transformers' GPT2LMHeadModel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from core import cross_entropy
+from core.cross_entropy import linear_cross_entropy
+from core.hf import config_from_hf, state_dict_from_hf
+from model import GPT
+
+
+def operands(rows: int = 37, width: int = 16, vocab: int = 53, ignored: int = 5) -> tuple:
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, width, generator=generator).requires_grad_()
+    weight = torch.randn(vocab, width, generator=generator).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    targets[torch.randperm(rows, generator=generator)[:ignored]] = -1
+    return hidden, weight, targets
+
+
+def loss_and_grads(loss_fn, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   scale: float = 1.0) -> tuple[torch.Tensor, ...]:
+    hidden, weight = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    loss = loss_fn(hidden, weight, targets)
+    (loss * scale).backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def plain(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=-1)
+
+
+def chunk_rows(monkeypatch: pytest.MonkeyPatch, rows: int, vocab_size: int = 53) -> None:
+    """Chunks of at most `rows` rows of `vocab_size` logits."""
+    monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", rows * 4 * vocab_size)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 10, 37, 128])  # one row, even split, ragged last chunk, one chunk
+def test_chunked_loss_and_gradients_equal_the_plain_ones(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    chunk_rows(monkeypatch, rows)
+    hidden, weight, targets = operands()
+    expected = loss_and_grads(plain, hidden, weight, targets, scale=0.25)  # 1/4: accumulation's scaling
+    actual = loss_and_grads(linear_cross_entropy, hidden, weight, targets, scale=0.25)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_without_gradients_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    chunk_rows(monkeypatch, 8)
+    hidden, weight, targets = operands()
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), plain(hidden, weight, targets))
+
+
+def test_chunks_cover_every_row_once() -> None:
+    for rows, vocab_size in ((2048, 50257), (1, 50257), (37, 3), (1000, 10**9)):
+        chunks = cross_entropy._chunks(rows, vocab_size)
+        covered = [i for chunk in chunks for i in range(rows)[chunk]]
+        assert covered == list(range(rows))
+        assert all(4 * vocab_size * (c.stop - c.start) <= max(cross_entropy.CHUNK_BYTES, 4 * vocab_size)
+                   for c in chunks)
+
+
+def test_large_logits_do_not_overflow() -> None:
+    hidden, weight, targets = operands()
+    hidden = hidden.detach() * 100  # logits in the thousands: exp() would overflow without the max shift
+    loss = linear_cross_entropy(hidden, weight, targets)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, plain(hidden, weight, targets))
+
+
+def test_bfloat16_autocast_follows_the_plain_loss_under_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    chunk_rows(monkeypatch, 8)
+    hidden, weight, targets = operands()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = loss_and_grads(lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t, ignore_index=-1),
+                                  hidden, weight, targets)
+        actual = loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+    for a, e in zip(actual, expected, strict=True):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, rtol=2e-2, atol=2e-3)  # bf16 products rounded in other places
+
+
+def test_model_loss_and_gradients_match_hf(monkeypatch: pytest.MonkeyPatch) -> None:
+    chunk_rows(monkeypatch, 16, vocab_size=97)
+    torch.manual_seed(0)
+    hf_config = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    reference = GPT2LMHeadModel(hf_config)
+    ours = GPT.from_state_dict(config_from_hf(hf_config.to_dict()), state_dict_from_hf(reference.state_dict()))
+    ours = GPT.with_settings(ours, vocab_multiple=64, dropout=0.0)  # padded rows must get no gradient
+    tokens = torch.randint(0, 97, (3, 21))
+    # HF shifts its labels itself; its extra last position counts for nothing
+    hf_loss = reference(input_ids=tokens, labels=tokens).loss
+    _, loss = ours(tokens[:, :-1], tokens[:, 1:])
+    hf_loss.backward()
+    loss.backward()
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-6)
+    wte_grad = ours.transformer.wte.weight.grad
+    torch.testing.assert_close(wte_grad[:97], reference.transformer.wte.weight.grad, rtol=1e-4, atol=1e-6)
+    assert torch.count_nonzero(wte_grad[97:]) == 0
+    torch.testing.assert_close(ours.transformer.h[1].mlp.c_fc.weight.grad,
+                               reference.transformer.h[1].mlp.c_fc.weight.grad.T, rtol=1e-4, atol=1e-6)
