@@ -3,9 +3,7 @@ Hugging Face transformers (OpenAIGPTLMHeadModel, OpenAIGPTTokenizer) as the refe
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,12 +13,13 @@ from transformers import OpenAIGPTLMHeadModel, OpenAIGPTTokenizer
 
 from core import hf
 from core.checkpoint import save_checkpoint
-from core.errors import UserError, exit_on_user_error
+from core.errors import UserError
 from core.gpt1_tokenizer import GPT1Tokenizer
 from core.pretrained import load_model, load_model_and_tokenizer
 from core.tokenizer import load_tokenizer, with_added_tokens
 from model import GPT, GPTConfig, KVCache
 from tests.gpt1_files import write_hf_gpt1_folder, write_tokenizer_files
+from tests.stages import run_stage
 from tests.weights import redraw_weights
 
 TOLERANCE = 1e-5
@@ -181,21 +180,6 @@ def test_checkpoint_of_gpt1_carries_its_tokenizer_and_added_tokens(hf_gpt1_folde
         save_checkpoint(tmp_path / "other", bigger, "openai-gpt")
     with pytest.raises(UserError, match="read from a model folder"):
         load_tokenizer("openai-gpt")
-
-
-def run_stage(script: str, args: list[str], monkeypatch: pytest.MonkeyPatch,
-              capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """A stage script's main in this process (a subprocess would spend seconds importing torch): its
-    exit status, stdout and stderr."""
-    module = importlib.import_module(script)
-    monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
-    try:
-        exit_on_user_error(module.main)
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def test_sample_and_hellaswag_accept_a_gpt1_folder(hf_gpt1_folder: Path, tmp_path: Path,
