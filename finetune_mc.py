@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from core.checkpoint import save_checkpoint
-from core.config import FinetuneConfig, check_finetune_config, config_from_argv, to_toml
+from core.config import FinetuneConfig, config_from_argv, to_toml
 from core.devices import resolve_dtype
 from core.distributed import Distributed, close_distributed, init_distributed
 from core.errors import UserError, exit_on_user_error
@@ -257,9 +257,9 @@ class Finetuner:
             return f"{value:.4f}" if value is not None else "-"
 
         lines = ["| model | train loss | train acc | val acc | test acc |", "| --- | --- | --- | --- | --- |"]
-        if self.zero_shot:
-            lines.append(f"| zero-shot (acc) | - | - | {cell(self.zero_shot.get('val', {}).get('acc'))} | "
-                         f"{cell(self.zero_shot.get('test', {}).get('acc'))} |")
+        for metric in ("acc", "acc_norm") if self.zero_shot else ():
+            lines.append(f"| zero-shot ({metric}) | - | - | {cell(self.zero_shot.get('val', {}).get(metric))} | "
+                         f"{cell(self.zero_shot.get('test', {}).get(metric))} |")
         for row in rows:
             lines.append(f"| epoch {row['epoch']} | {row['train_loss']:.4f} | {cell(row.get('train_acc'))} | "
                          f"{cell(row.get('val_acc'))} | {cell(row.get('test_acc'))} |")
@@ -272,7 +272,7 @@ class Finetuner:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = config_from_argv(argv, __doc__, FinetuneConfig, check_finetune_config)
+    config = config_from_argv(argv, __doc__, FinetuneConfig)
     distributed = init_distributed(config.device)
     try:
         Finetuner(config, distributed).run()

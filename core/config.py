@@ -132,8 +132,6 @@ def fields_of(config_class: ConfigClass) -> dict[str, Field]:
     return {field.name: field for field in fields(config_class)}
 
 
-FIELDS = fields_of(TrainConfig)
-
 
 def field_type(name: str, config_class: ConfigClass = TrainConfig) -> tuple[type, bool]:
     """The base type of a field (bool, int, float or str) and whether it may be None."""
@@ -209,10 +207,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: ConfigCl
                             default=argparse.SUPPRESS, help=f"(default: {default})")
 
 
-def resolve_config(args: argparse.Namespace, config_class: ConfigClass = TrainConfig,
-                   check: Callable[[Any], None] | None = None) -> Any:
-    """Defaults, then the TOML file, then the flags that were given; then `check` (for TrainConfig,
-    `check_config` by default)."""
+def resolve_config(args: argparse.Namespace, config_class: ConfigClass = TrainConfig) -> Any:
+    """Defaults, then the TOML file, then the flags that were given; then the class's checks."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None) is not None:
         values.update({key: coerce(key, value, str(args.config), config_class)
@@ -221,12 +217,11 @@ def resolve_config(args: argparse.Namespace, config_class: ConfigClass = TrainCo
         if hasattr(args, name):
             values[name] = coerce(name, getattr(args, name), "--" + name.replace("_", "-"), config_class)
     config = config_class(**values)
-    (check or (check_config if config_class is TrainConfig else lambda _: None))(config)
+    CHECKS[config_class](config)
     return config
 
 
-def config_from_argv(argv: list[str] | None, description: str,
-                 config_class: ConfigClass = TrainConfig, check: Callable[[Any], None] | None = None) -> Any:
+def config_from_argv(argv: list[str] | None, description: str, config_class: ConfigClass = TrainConfig) -> Any:
     """A stage's settings from its command line: --config FILE and one flag per field."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, config_class)
@@ -234,7 +229,7 @@ def config_from_argv(argv: list[str] | None, description: str,
     if unknown:
         flag = next((item for item in unknown if item.startswith("--")), unknown[0])
         raise unknown_key_error(flag.removeprefix("--").split("=")[0].replace("-", "_"), "command line", config_class)
-    return resolve_config(args, config_class, check)
+    return resolve_config(args, config_class)
 
 
 def check_config(config: TrainConfig) -> None:
@@ -280,6 +275,9 @@ def check_finetune_config(config: FinetuneConfig) -> None:
         raise UserError(f"markers must be 'new' (new embedding rows) or 'eot' (<|endoftext|>), got {config.markers!r}")
     if config.dtype not in ("auto", "bfloat16", "float32"):
         raise UserError(f"dtype {config.dtype!r} cannot train here: choose auto, bfloat16 or float32")
+
+
+CHECKS: dict[ConfigClass, Callable[[Any], None]] = {TrainConfig: check_config, FinetuneConfig: check_finetune_config}
 
 
 def grad_accum_steps(config: TrainConfig, world_size: int) -> int:
