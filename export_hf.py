@@ -1,7 +1,9 @@
-"""Export a model as a Hugging Face GPT-2 folder (config.json + model.safetensors).
+"""Export a model as a Hugging Face GPT-2 folder (config.json + model.safetensors), or a GPT-1 model
+as an openai-gpt folder (with its vocab.json and merges.txt).
 
     python export_hf.py log/checkpoints/step_019073 out/my-gpt2
     python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('out/my-gpt2')"
+    python export_hf.py log/storycloze_gpt1/best out/my-gpt1    # OpenAIGPTLMHeadModel.from_pretrained
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from core.errors import UserError, exit_on_user_error
 from core.hf import export_hf
-from core.pretrained import load_model
+from core.pretrained import load_model_and_tokenizer
 
 
 def main() -> None:
@@ -24,12 +26,13 @@ def main() -> None:
         raise UserError(f"{args.out} is a file, not a folder")
     if args.out.exists() and any(args.out.iterdir()) and not args.force:
         raise UserError(f"{args.out} is not empty; pass --force to overwrite")
-    model, tokenizer = load_model(args.model)
-    if tokenizer != "gpt2":
-        print(f"note: this model uses the {tokenizer} tokenizer, recorded in config.json; HF's GPT-2 "
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    if tokenizer.name not in ("gpt2", "openai-gpt"):
+        print(f"note: this model uses the {tokenizer.name} tokenizer, recorded in config.json; HF's GPT-2 "
               "tokenizer files do not fit it")
     export_hf(model, args.out, tokenizer)
-    print(f"wrote {args.out}/config.json and model.safetensors ({model.num_params():,} parameters)")
+    written = ", ".join(sorted(path.name for path in args.out.iterdir()))
+    print(f"wrote {args.out}: {written} ({model.num_params():,} parameters)")
 
 
 if __name__ == "__main__":

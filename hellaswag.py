@@ -25,8 +25,7 @@ from core.evaluation import (
     summarize,
     write_results,
 )
-from core.pretrained import add_model_arguments, load_model
-from core.tokenizer import get_tokenizer
+from core.pretrained import add_model_arguments, load_model_and_tokenizer
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,9 +47,8 @@ def main() -> None:
     args = parse_args()
     distributed = init_distributed(args.device)
     try:
-        model, tokenizer = load_model(args.model, device=distributed.device,
-                                      dtype=resolve_dtype(args.dtype, distributed.device))
-        encoding = get_tokenizer(tokenizer)
+        model, encoding = load_model_and_tokenizer(args.model, device=distributed.device,
+                                                   dtype=resolve_dtype(args.dtype, distributed.device))
         path = hellaswag_file_on_every_rank(args.data)
         examples = read_hellaswag(path, encoding, limit=args.limit)
         start = time.perf_counter()

@@ -3,6 +3,9 @@
 Parameter names match Hugging Face's `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn.weight`, ...)
 so that weights move between the two with a transpose and nothing else: HF stores its projections
 as `Conv1D` (in, out) matrices, we use plain `nn.Linear` (out, in). See `core/hf.py` for the mapping.
+
+GPT-1 (HF's `openai-gpt`) is the same model with three config switches: LayerNorm after each
+residual add instead of before each sublayer, no final LayerNorm, and a 512-token context.
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ class GPTConfig:
     # Embedding rows are padded up to a multiple of this (50257 -> 50304 for 64, build-nanogpt's
     # GPU-friendly size); the head multiplies by the first vocab_size rows only (see GPT.logits).
     vocab_multiple: int = 1
+    # GPT-1's block: LayerNorm after each residual add (x = ln(x + f(x))) instead of before each
+    # sublayer (x = x + f(ln(x))), and no LayerNorm after the last block.
+    post_ln: bool = False
+    final_ln: bool = True
+    # "tanh": the approximation of GPT-2, of OpenAI's GPT-1 code and of HF's openai-gpt (whose "gelu"
+    # is gelu_new); "erf": the exact GELU, HF's activation_function "gelu" for GPT-2 configs.
+    gelu: str = "tanh"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
@@ -54,6 +64,8 @@ class GPTConfig:
             raise UserError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.gelu not in ("tanh", "erf"):
+            raise UserError(f"model config: gelu must be 'tanh' or 'erf', got {self.gelu!r}")
 
     @property
     def mlp_width(self) -> int:
@@ -156,7 +168,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = Linear(config.n_embd, config.mlp_width)
-        self.gelu = nn.GELU(approximate="tanh")  # HF's "gelu_new": the tanh approximation GPT-2 used
+        self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
         self.c_proj = Linear(config.mlp_width, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -167,6 +179,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
+        self.post_ln = config.post_ln
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -174,6 +187,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.post_ln:  # GPT-1
+            x = self.ln_1(x + self.attn(x, kv_cache, attn_mask))
+            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -187,7 +203,8 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            # GPT-1 has no final LayerNorm: an Identity keeps the forward pass one path, and holds no weights.
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon) if config.final_ln else nn.Identity(),
         ))
         self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
@@ -223,7 +240,7 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
                       positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) -> the final LayerNorm's output (B, T, C), the input of the head.
+        """idx (B, T) -> the last hidden states (B, T, C) after the final LayerNorm, the input of the head.
 
         With a cache, idx continues the cached positions. Packed inputs, several sequences sharing
         one row, pass their own `positions` (B, T) and a boolean `attn_mask` (B, 1, T, T), True

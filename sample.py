@@ -19,14 +19,13 @@ import time
 import warnings
 from pathlib import Path
 
-import tiktoken
 import torch
 
 from core.devices import resolve_device, resolve_dtype
 from core.errors import UserError, exit_on_user_error
 from core.generation import Sampling, TextStream, fit_to_context, stream_tokens
-from core.pretrained import add_model_arguments, load_model
-from core.tokenizer import get_tokenizer
+from core.pretrained import add_model_arguments, load_model_and_tokenizer
+from core.tokenizer import Tokenizer
 from model import GPT
 
 
@@ -76,16 +75,20 @@ def read_prompt(args: argparse.Namespace) -> str:
     return text.removesuffix("\n")
 
 
-def encode_prompt(text: str, encoding: tiktoken.Encoding, model: GPT) -> list[int]:
-    """Prompt ids; an empty prompt becomes <|endoftext|>, the token that starts every document."""
-    ids = encoding.encode_ordinary(text) if text else [encoding.eot_token]
+def encode_prompt(text: str, encoding: Tokenizer, model: GPT) -> list[int]:
+    """Prompt ids; an empty prompt becomes <|endoftext|>, the token that starts every document.
+    GPT-1 has no such token, nor any token for whitespace: its prompts must hold a word."""
+    ids = encoding.encode_ordinary(text) if text or encoding.eot_token is None else [encoding.eot_token]
+    if not ids:
+        raise UserError(f"the {encoding.name} tokenizer has no <|endoftext|> token to start from and the prompt "
+                        f"{text!r} has no tokens: give a prompt")
     if max(ids) >= model.config.vocab_size:
         raise UserError(f"the prompt has token id {max(ids)}, beyond this model's vocabulary of "
                         f"{model.config.vocab_size}")
     return ids
 
 
-def run_prompt(text: str, model: GPT, encoding: tiktoken.Encoding, sampling: Sampling, args: argparse.Namespace,
+def run_prompt(text: str, model: GPT, encoding: Tokenizer, sampling: Sampling, args: argparse.Namespace,
                generator: torch.Generator) -> None:
     """Generate for one prompt and print the samples, streaming the first."""
     prompt, max_new_tokens = fit_to_context(encode_prompt(text, encoding, model), args.max_new_tokens,
@@ -120,7 +123,7 @@ def run_prompt(text: str, model: GPT, encoding: tiktoken.Encoding, sampling: Sam
           file=sys.stderr)
 
 
-def interactive(model: GPT, encoding: tiktoken.Encoding, sampling: Sampling, args: argparse.Namespace,
+def interactive(model: GPT, encoding: Tokenizer, sampling: Sampling, args: argparse.Namespace,
                 generator: torch.Generator) -> None:
     """Read prompts until EOF (Ctrl-D), with readline's line editing and history when on a terminal.
     Ctrl-C interrupts the answer being generated."""
@@ -151,11 +154,9 @@ def main() -> None:
     except ValueError as error:
         raise UserError(str(error)) from None
     text = None if args.interactive else read_prompt(args)
-    model, tokenizer_name = load_model(args.model, device=device, dtype=dtype)
-    encoding = get_tokenizer(tokenizer_name)
-    if model.config.vocab_size > encoding.n_vocab:
-        raise UserError(f"{args.model} has {model.config.vocab_size} tokens, more than its tokenizer "
-                        f"{tokenizer_name} ({encoding.n_vocab}): they do not belong together")
+    model, encoding = load_model_and_tokenizer(args.model, device=device, dtype=dtype)
+    if args.stop_at_eot and encoding.eot_token is None:
+        raise UserError(f"--stop-at-eot: the {encoding.name} tokenizer has no <|endoftext|> token")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     warnings.simplefilter("always")
     warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)

@@ -13,7 +13,6 @@ SIGTERM or Ctrl-C saves a checkpoint at the end of the current step and exits; a
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import signal
@@ -28,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from core.checkpoint import save_checkpoint
-from core.config import TrainConfig, add_config_arguments, grad_accum_steps, resolve_config, to_toml, unknown_key_error
+from core.config import TrainConfig, config_from_argv, grad_accum_steps, to_toml
 from core.data import TokenLoader, ValSet, shard_tokenizer
 from core.devices import resolve_dtype
 from core.distributed import Distributed, close_distributed, init_distributed
@@ -55,13 +54,7 @@ from model import GPT, GPTConfig
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flag = next((item for item in unknown if item.startswith("--")), unknown[0])
-        raise unknown_key_error(flag.removeprefix("--").split("=")[0].replace("-", "_"), "command line")
-    return resolve_config(args)
+    return config_from_argv(argv, __doc__)
 
 
 class StopSignal:

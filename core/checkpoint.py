@@ -2,7 +2,10 @@
 
 A checkpoint is a folder:
     model.safetensors   the weights in our layout (the tied lm_head.weight is not stored twice)
-    meta.json           {"format", "version", "config": GPTConfig as a dict, "tokenizer", ...extra}
+    meta.json           {"format", "version", "config": GPTConfig as a dict, "tokenizer", ...extra}, and
+                        "added_tokens" when the model has tokens after its tokenizer's vocabulary
+    vocab.json, merges.txt   GPT-1's tokenizer, whose files cannot be found by its name
+    *.safetensors       optional: more weights that belong to the model, such as a classifier head
     trainer_state.pt    optional: what train_gpt2.py needs to resume (optimizer, step, data position,
                         RNG states), a pickle of tensors and plain containers read with weights_only=True
 A folder is written under a hidden temporary name and renamed into place, so a crash never leaves a
@@ -24,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from core.atomic import fsync_folder
 from core.errors import UserError, first_line
+from core.tokenizer import Tokenizer, added_tokens, tokenizer_files, tokenizer_name
 from model import GPT, GPTConfig
 
 FORMAT = "gpt2-toolkit-checkpoint"
@@ -39,22 +43,32 @@ def is_checkpoint(folder: Path | str) -> bool:
     return (folder / META_FILE).is_file()
 
 
-def save_checkpoint(folder: Path | str, model: GPT, tokenizer: str, trainer_state: dict[str, Any] | None = None,
-                    **extra: Any) -> Path:
+def save_checkpoint(folder: Path | str, model: GPT, tokenizer: str | Tokenizer,
+                    trainer_state: dict[str, Any] | None = None,
+                    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None, **extra: Any) -> Path:
     """Write `model` (the raw module, not a DDP or compiled wrapper) and its metadata to `folder`.
 
-    `extra` lands in meta.json as is (step, val_loss, ...), so it must be JSON-serialisable;
-    `trainer_state` (tensors and plain containers only) goes to trainer_state.pt in the same folder.
+    `tokenizer` is a tiktoken encoding's name, or a tokenizer, whose files (GPT-1's) and added tokens
+    are kept too. `extra` lands in meta.json as is (step, val_loss, ...), so it must be
+    JSON-serialisable; `trainer_state` (tensors and plain containers only) goes to trainer_state.pt
+    in the same folder, and `extra_weights` to safetensors files of the given names.
     """
     folder = Path(folder)
     recover_interrupted_save(folder)
-    weights = {key: value.detach().contiguous().cpu()
-               for key, value in model.state_dict().items() if key != "lm_head.weight"}
-    meta = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "tokenizer": tokenizer, **extra}
+    weights = {key: value for key, value in model.state_dict().items() if key != "lm_head.weight"}
+    meta = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
+            "tokenizer": tokenizer_name(tokenizer), **extra}
+    if not isinstance(tokenizer, str) and added_tokens(tokenizer):
+        meta["added_tokens"] = added_tokens(tokenizer)
     staging = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_file(weights, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+    for file_name, tensors in {WEIGHTS_FILE: weights, **(extra_weights or {})}.items():
+        save_file({key: value.detach().contiguous().cpu() for key, value in tensors.items()}, staging / file_name,
+                  metadata={"format": "pt"})
+    if not isinstance(tokenizer, str):
+        for file_name, data in tokenizer_files(tokenizer).items():
+            (staging / file_name).write_bytes(data)
     if trainer_state is not None:
         torch.save(trainer_state, staging / TRAINER_STATE_FILE)
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # last: its presence marks a checkpoint
@@ -108,6 +122,9 @@ def read_meta(folder: Path) -> dict[str, Any]:
         raise UserError(f"{path} has version {meta['version']}; this code reads up to {VERSION}: update it")
     if not isinstance(meta.get("tokenizer"), str):
         raise UserError(f"{path} lacks the name of its tokenizer")
+    added = meta.get("added_tokens", [])
+    if not isinstance(added, list) or not all(isinstance(name, str) for name in added):
+        raise UserError(f"{path}: added_tokens must be a list of token names")
     return meta
 
 

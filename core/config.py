@@ -1,7 +1,8 @@
-"""The training run's settings: one flat dataclass, read from TOML and overridden from the command line.
+"""The settings of a run: one flat dataclass per stage, read from TOML and overridden from the command line.
 
-Every field is a TOML key and a flag: `max_lr = 6e-4` in a file is `--max-lr 6e-4` on the command
-line, typed from the field. The defaults are build-nanogpt's GPT-2 124M recipe on FineWeb-Edu 10B.
+`TrainConfig` is train_gpt2.py's (defaults: build-nanogpt's GPT-2 124M recipe on FineWeb-Edu 10B),
+`FinetuneConfig` finetune_mc.py's (defaults: GPT-1's Story Cloze recipe). Every field is a TOML key
+and a flag: `max_lr = 6e-4` in a file is `--max-lr 6e-4` on the command line, typed from the field.
 Unknown keys are refused by name, with the nearest known key suggested: a typo must never leave a
 setting silently at its default.
 """
@@ -15,7 +16,8 @@ import math
 import sys
 import types
 import typing
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import Field, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -81,27 +83,74 @@ class TrainConfig:
         return asdict(self)
 
 
-FIELDS = {field.name: field for field in fields(TrainConfig)}
+@dataclass
+class FinetuneConfig:
+    """finetune_mc.py: GPT-1's multiple-choice fine-tuning (Radford et al. 2018, section 4.1 and OpenAI's
+    finetune-transformer-lm code), for Story Cloze CSVs and HellaSwag-format JSONL."""
+
+    # data: a .csv is read as Story Cloze, a .jsonl as HellaSwag (4 endings)
+    train_data: str = ""  # labelled examples, split into train and val (the paper: Story Cloze's val CSV)
+    test_data: str = ""  # scored every epoch, never trained on or selected by; empty: no test set
+    val_examples: int = 374  # held out of train_data for model selection (the paper: 374 of 1871)
+    split_seed: int = 42  # draws the val examples; the same seed gives the same split whatever `seed`
+    max_train_examples: int = 0  # read only the first N labelled examples (0: all), for quick runs
+    max_test_examples: int = 0
+    log_dir: str = "log/finetune"
+    # model: any model spec (openai-gpt, gpt2, an HF folder, one of our checkpoints)
+    init_from: str = "openai-gpt"
+    markers: str = "new"  # new: start, delimiter and extract are new embedding rows; eot: <|endoftext|> (GPT-2)
+    dropout: float = 0.1  # the transformer's, as in pre-training
+    clf_dropout: float = 0.1  # before the classifier
+    lm_coef: float = 0.5  # loss = classifier loss + lm_coef x language-modelling loss
+    # optimizer and schedule
+    epochs: int = 3
+    batch_size: int = 32  # examples per optimizer step, over all processes
+    micro_batch_size: int = 8  # examples per forward pass; gradients accumulate up to batch_size
+    max_lr: float = 6.25e-5
+    warmup_fraction: float = 0.002  # linear warmup over this fraction of the steps, then linear decay to 0
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 turns clipping off
+    # evaluation and machine
+    eval_batch_size: int = 32
+    zero_shot: bool = True  # score the model before fine-tuning by the likelihood of each ending, as hellaswag.py
+    seed: int = 42
+    device: str = "auto"
+    dtype: str = "auto"  # auto (bfloat16 where native, else float32), bfloat16, float32
+    progress: bool | None = None  # a progress bar; None: when stderr is a terminal
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def field_type(name: str) -> tuple[type, bool]:
+ConfigClass = type[TrainConfig] | type[FinetuneConfig]
+
+
+def fields_of(config_class: ConfigClass) -> dict[str, Field]:
+    return {field.name: field for field in fields(config_class)}
+
+
+
+def field_type(name: str, config_class: ConfigClass = TrainConfig) -> tuple[type, bool]:
     """The base type of a field (bool, int, float or str) and whether it may be None."""
-    hint = typing.get_type_hints(TrainConfig)[name]
+    hint = typing.get_type_hints(config_class)[name]
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return next(arg for arg in args if arg is not type(None)), type(None) in args
     return hint, False
 
 
-def unknown_key_error(key: str, where: str) -> UserError:
-    close = difflib.get_close_matches(key, FIELDS, n=1)
+def unknown_key_error(key: str, where: str, config_class: ConfigClass = TrainConfig) -> UserError:
+    close = difflib.get_close_matches(key, fields_of(config_class), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return UserError(f"{where}: unknown key {key!r}{hint}")
 
 
-def coerce(name: str, value: Any, where: str) -> Any:
+def coerce(name: str, value: Any, where: str, config_class: ConfigClass = TrainConfig) -> Any:
     """`value` (from TOML or a command-line string) as field `name`'s type, or a UserError."""
-    base, optional = field_type(name)
+    base, optional = field_type(name, config_class)
     if isinstance(value, str) and base is not str:
         value = parse_text(value, base, optional)
     if value is None and optional:
@@ -129,7 +178,7 @@ def parse_text(text: str, base: type, optional: bool) -> Any:
     return number if base is float or not number.is_integer() else int(number)
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path, config_class: ConfigClass = TrainConfig) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             values = tomllib.load(f)
@@ -138,18 +187,18 @@ def read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"{path} is not valid TOML: {error}") from None
     for key, value in values.items():
-        if key not in FIELDS:
-            raise unknown_key_error(key, str(path))
+        if key not in fields_of(config_class):
+            raise unknown_key_error(key, str(path), config_class)
         if isinstance(value, dict):
             raise UserError(f"{path}: [{key}] tables are not used; every setting is a top-level key")
     return values
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: ConfigClass = TrainConfig) -> None:
     """--config FILE, then one --some-key VALUE flag per field (a bool flag alone means true)."""
     parser.add_argument("--config", type=Path, help="a TOML file of settings (see configs/); flags override it")
-    for name, field in FIELDS.items():
-        base, _ = field_type(name)
+    for name, field in fields_of(config_class).items():
+        base, _ = field_type(name, config_class)
         flag = "--" + name.replace("_", "-")
         default = "auto" if field.default is None else field.default
         kind = {bool: "true/false", int: "int", float: "float", str: "text"}[base]
@@ -158,17 +207,29 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                             default=argparse.SUPPRESS, help=f"(default: {default})")
 
 
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the TOML file, then the flags that were given."""
+def resolve_config(args: argparse.Namespace, config_class: ConfigClass = TrainConfig) -> Any:
+    """Defaults, then the TOML file, then the flags that were given; then the class's checks."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None) is not None:
-        values.update({key: coerce(key, value, str(args.config)) for key, value in read_toml(args.config).items()})
-    for name in FIELDS:
+        values.update({key: coerce(key, value, str(args.config), config_class)
+                       for key, value in read_toml(args.config, config_class).items()})
+    for name in fields_of(config_class):
         if hasattr(args, name):
-            values[name] = coerce(name, getattr(args, name), "--" + name.replace("_", "-"))
-    config = TrainConfig(**values)
-    check_config(config)
+            values[name] = coerce(name, getattr(args, name), "--" + name.replace("_", "-"), config_class)
+    config = config_class(**values)
+    CHECKS[config_class](config)
     return config
+
+
+def config_from_argv(argv: list[str] | None, description: str, config_class: ConfigClass = TrainConfig) -> Any:
+    """A stage's settings from its command line: --config FILE and one flag per field."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, config_class)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((item for item in unknown if item.startswith("--")), unknown[0])
+        raise unknown_key_error(flag.removeprefix("--").split("=")[0].replace("-", "_"), "command line", config_class)
+    return resolve_config(args, config_class)
 
 
 def check_config(config: TrainConfig) -> None:
@@ -191,6 +252,32 @@ def check_config(config: TrainConfig) -> None:
     if config.dtype not in ("auto", "bfloat16", "float32"):
         raise UserError(f"dtype {config.dtype!r} cannot train here: choose auto, bfloat16 or float32 "
                         "(float16 would need loss scaling)")
+
+
+def check_finetune_config(config: FinetuneConfig) -> None:
+    """Fine-tuning settings that can never work, refused before anything runs."""
+    if not config.train_data:
+        raise UserError("train_data is not set: give a Story Cloze .csv or a HellaSwag-format .jsonl of labelled "
+                        "examples (--train-data PATH)")
+    for name in ("epochs", "batch_size", "micro_batch_size", "eval_batch_size"):
+        if getattr(config, name) < 1:
+            raise UserError(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name in ("val_examples", "max_train_examples", "max_test_examples", "weight_decay", "grad_clip", "lm_coef"):
+        if getattr(config, name) < 0:
+            raise UserError(f"{name} must not be negative, got {getattr(config, name)}")
+    if not 0 < config.max_lr < math.inf or not 0 <= config.warmup_fraction <= 1:
+        raise UserError(f"max_lr must be positive and warmup_fraction in [0, 1], got {config.max_lr}, "
+                        f"{config.warmup_fraction}")
+    for name in ("dropout", "clf_dropout"):
+        if not 0 <= getattr(config, name) < 1:
+            raise UserError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    if config.markers not in ("new", "eot"):
+        raise UserError(f"markers must be 'new' (new embedding rows) or 'eot' (<|endoftext|>), got {config.markers!r}")
+    if config.dtype not in ("auto", "bfloat16", "float32"):
+        raise UserError(f"dtype {config.dtype!r} cannot train here: choose auto, bfloat16 or float32")
+
+
+CHECKS: dict[ConfigClass, Callable[[Any], None]] = {TrainConfig: check_config, FinetuneConfig: check_finetune_config}
 
 
 def grad_accum_steps(config: TrainConfig, world_size: int) -> int:

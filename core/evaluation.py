@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from core.cache import cache_dir
 from core.errors import UserError
+from core.tokenizer import Tokenizer
 from model import GPT
 
 # GPT2_TOOLKIT_HELLASWAG_URL points the download at a mirror (or, in the tests, at a local server).
@@ -114,25 +114,29 @@ def download(url: str, destination: Path) -> None:
     partial.rename(destination)
 
 
-def read_hellaswag(path: Path, encoding: tiktoken.Encoding, limit: int | None = None) -> list[Example]:
+def read_hellaswag(path: Path, encoding: Tokenizer, limit: int | None = None) -> list[Example]:
     """Tokenized examples of a HellaSwag JSONL file; a malformed line fails naming its number."""
-    examples = []
+    return [tokenize_example(index, ctx, endings, label, encoding)
+            for index, (ctx, endings, label) in enumerate(read_hellaswag_rows(path, limit))]
+
+
+def read_hellaswag_rows(path: Path, limit: int | None = None) -> list[tuple[str, list[str], int]]:
+    """The (context, 4 endings, label) of each example of a HellaSwag JSONL file, as text."""
+    rows = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
-            if limit is not None and len(examples) >= limit:
+            if limit is not None and len(rows) >= limit:
                 break
-            if not line.strip():
-                continue
-            ctx, endings, label = _parse_hellaswag_line(line, f"{path}, line {line_number}")
-            examples.append(Example(
-                index=len(examples),
-                context=encoding.encode_ordinary(ctx),
-                endings=[encoding.encode_ordinary(" " + ending) for ending in endings],
-                label=label,
-            ))
-    if not examples:
+            if line.strip():
+                rows.append(_parse_hellaswag_line(line, f"{path}, line {line_number}"))
+    if not rows:
         raise UserError(f"{path} holds no examples")
-    return examples
+    return rows
+
+
+def tokenize_example(index: int, context: str, endings: list[str], label: int, encoding: Tokenizer) -> Example:
+    return Example(index=index, context=encoding.encode_ordinary(context),
+                   endings=[encoding.encode_ordinary(" " + ending) for ending in endings], label=label)
 
 
 def _parse_hellaswag_line(line: str, where: str) -> tuple[str, list[str], int]:

@@ -1,4 +1,5 @@
-"""AdamW with weight decay on the 2-D weights only, and the warmup + cosine learning-rate schedule."""
+"""AdamW with weight decay on the 2-D weights only, and the learning-rate schedules: warmup + cosine
+(pre-training, GPT-2/GPT-3), warmup + linear decay to zero (GPT-1's fine-tuning)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,11 @@ def learning_rate(step: int, max_lr: float, min_lr: float, warmup_steps: int, ma
         return min_lr
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def linear_learning_rate(step: int, max_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """GPT-1's fine-tuning schedule: linear warmup to max_lr over warmup_steps (step 0 already gets
+    max_lr / warmup_steps), then a straight line down to 0 at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    return max_lr * max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))

@@ -3,8 +3,9 @@ options that every stage uses to name one (`add_model_arguments`).
 
 A spec is, in the order we try it:
   1. a folder (or a file inside it) holding one of our checkpoints (`meta.json`, see checkpoint.py);
-  2. a folder holding an HF GPT-2 model (`config.json` + weights, see hf.py);
-  3. an HF hub name: `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, or any `owner/name` GPT-2 repo.
+  2. a folder holding an HF GPT-2 or GPT-1 model (`config.json` + weights, see hf.py);
+  3. an HF hub name: `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `openai-gpt` (GPT-1), or any
+     `owner/name` GPT-2 or GPT-1 repo.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from core import hf
 from core.checkpoint import is_checkpoint, load_checkpoint, recover_interrupted_save
 from core.errors import UserError
+from core.tokenizer import Tokenizer, load_tokenizer
 from model import GPT
 
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -26,30 +28,47 @@ _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 def load_model(spec: str, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[GPT, str]:
     """The model named by `spec`, in eval mode on `device`, and the name of its tokenizer."""
+    model, tokenizer, _, _ = _load(spec)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def load_model_and_tokenizer(spec: str, device: torch.device | str = "cpu",
+                             dtype: torch.dtype = torch.float32) -> tuple[GPT, Tokenizer]:
+    """The model named by `spec`, in eval mode on `device`, and its tokenizer, added tokens included
+    (GPT-1's is read from the files in the model's folder)."""
+    model, name, folder, added = _load(spec)
+    tokenizer = load_tokenizer(name, folder, added)
+    if model.config.vocab_size > tokenizer.n_vocab:
+        raise UserError(f"{spec} has {model.config.vocab_size} tokens, more than its tokenizer {name} "
+                        f"({tokenizer.n_vocab}): they do not belong together")
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def _load(spec: str) -> tuple[GPT, str, Path, list[str]]:
+    """The model (fp32, CPU), its tokenizer's name, the folder it came from, and its added tokens."""
     path = Path(spec)
     recover_interrupted_save(path)
     if path.exists():
         folder = path if path.is_dir() else path.parent
         if is_checkpoint(folder):
             model, meta = load_checkpoint(folder)
-            tokenizer = meta["tokenizer"]
-        elif (folder / "config.json").is_file():
-            model, tokenizer = hf.load_hf_folder(folder)
-        else:
+            return model, meta["tokenizer"], folder, meta.get("added_tokens", [])
+        if not (folder / "config.json").is_file():
             raise UserError(f"{spec} is neither one of our checkpoints (no meta.json) "
                             "nor a Hugging Face model folder (no config.json)")
     elif _HUB_NAME.match(spec) and not spec.startswith(".") and not Path(path.parts[0]).is_dir():
-        model, tokenizer = hf.load_hf_folder(hf.download_hf_model(spec))
+        folder = hf.download_hf_model(spec)
     else:  # e.g. log/model_19072 mistyped: log/ exists here, so this was never meant for the hub
         raise UserError(f"{spec!r}: no such checkpoint file or folder")
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    model, tokenizer, added = hf.load_hf_folder(folder)
+    return model, tokenizer, folder, added
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "gpt2") -> None:
     """-m/--model, --device and --dtype, the same for every stage."""
     parser.add_argument("-m", "--model", default=default_model,
                         help="our checkpoint folder, an HF model folder, or an HF hub name such as gpt2, "
-                             f"gpt2-medium, gpt2-large, gpt2-xl (default: {default_model})")
+                             f"gpt2-medium, gpt2-large, gpt2-xl, openai-gpt (default: {default_model})")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto: the first of "
                                                          "cuda, mps, cpu that is available (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto: bfloat16 on GPUs "

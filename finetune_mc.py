@@ -1,0 +1,284 @@
+"""Fine-tune any model on multiple-choice questions with GPT-1's recipe, and measure what it gains.
+
+    python finetune_mc.py --config configs/storycloze_gpt1.toml     # GPT-1 on Story Cloze, as in the paper
+    python finetune_mc.py --config configs/storycloze_gpt2.toml --init-from log/checkpoints/step_019073
+    torchrun --standalone --nproc_per_node=4 finetune_mc.py --config configs/storycloze_gpt1.toml
+
+The data is a Story Cloze CSV (InputSentence1..4, RandomFifthSentenceQuiz1/2, AnswerRightEnding) or
+HellaSwag-format JSONL (4 endings). `val_examples` questions of train_data are held out (a seeded draw)
+to pick the best epoch; test_data is only scored. Each ending becomes [start] context [delimiter]
+ending [extract]; a linear unit on the extract token's hidden state scores it, and training minimises
+the classifier's loss + lm_coef x the LM loss with AdamW, a linear warmup and decay, and clipping.
+
+First the model's zero-shot accuracy (the likelihood of each ending, as hellaswag.py measures it), then
+train, val and test accuracy after every epoch, as a table and in LOG_DIR/metrics.jsonl. The best
+epoch by val accuracy is saved to LOG_DIR/best: one of our checkpoints (sample.py, hellaswag.py and
+export_hf.py read it) with its classifier in classifier.safetensors beside the weights.
+Every setting is a TOML key in --config and a flag (`max_lr` is --max-lr); see --help and configs/.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from core.checkpoint import save_checkpoint
+from core.config import FinetuneConfig, config_from_argv, to_toml
+from core.devices import resolve_dtype
+from core.distributed import Distributed, close_distributed, init_distributed
+from core.errors import UserError, exit_on_user_error
+from core.evaluation import evaluate, gather_results, summarize
+from core.multiple_choice import (
+    CLASSIFIER_FILE,
+    ChoiceHead,
+    Encoded,
+    MultipleChoiceModel,
+    Question,
+    accuracy,
+    add_markers,
+    collate,
+    encode_questions,
+    joint_loss,
+    read_questions,
+    split_off,
+    zero_shot_examples,
+)
+from core.optim import linear_learning_rate, make_optimizer
+from core.pretrained import load_model_and_tokenizer
+from core.runlog import METRICS_FILE, RunLog
+
+BEST_FOLDER = "best"
+
+
+class Finetuner:
+    def __init__(self, config: FinetuneConfig, distributed: Distributed) -> None:
+        self.config, self.distributed = config, distributed
+        self.device, self.is_main = distributed.device, distributed.is_main
+        self.log_dir = Path(config.log_dir)
+        if self.is_main and (self.log_dir / METRICS_FILE).exists():
+            print(f"note: {self.log_dir} holds an earlier run; its metrics and {BEST_FOLDER}/ are replaced")
+        self.log = RunLog(self.log_dir, enabled=self.is_main)
+        self.log.truncate_after(-1)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.show_progress = self.is_main and (sys.stderr.isatty() if config.progress is None else config.progress)
+        per_step = config.micro_batch_size * distributed.world_size
+        if config.batch_size % per_step:
+            raise UserError(f"batch_size {config.batch_size} is not a multiple of micro_batch_size "
+                            f"{config.micro_batch_size} x {distributed.world_size} process(es)")
+        self.accum = config.batch_size // per_step
+
+        self.train_questions, self.val_questions, self.test_questions = self._questions()
+        model, self.tokenizer = load_model_and_tokenizer(config.init_from)
+        self.zero_shot = self._zero_shot(model) if config.zero_shot else {}
+        generator = torch.Generator().manual_seed(config.seed)
+        model, self.tokenizer, self.markers = add_markers(model, self.tokenizer, config.markers, generator)
+        model = model.with_settings(model.config.vocab_multiple, config.dropout)
+        torch.manual_seed(config.seed)
+        head = ChoiceHead(model.config.n_embd, config.clf_dropout)
+        self.model = MultipleChoiceModel(model, head).to(self.device).train()
+        self.train_model: torch.nn.Module = self.model
+        if distributed.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.optimizer = make_optimizer(self.model, config.max_lr, config.weight_decay, (config.beta1, config.beta2),
+                                        config.eps, self.device)
+        block_size = model.config.block_size
+        self.train_set, self.val_set, self.test_set = (
+            self._encode(questions, block_size, name) for questions, name in
+            ((self.train_questions, "train"), (self.val_questions, "val"), (self.test_questions, "test")))
+        # As OpenAI's code, a last batch smaller than batch_size is dropped (another one each epoch).
+        self.steps_per_epoch = len(self.train_set) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(self.train_set)} training questions are fewer than one batch of {config.batch_size}")
+        self.max_steps = config.epochs * self.steps_per_epoch
+        self.warmup_steps = max(1, round(config.warmup_fraction * self.max_steps)) if config.warmup_fraction else 0
+        torch.manual_seed(config.seed + distributed.rank)  # dropout masks differ between ranks
+        self._report_setup(model.num_params())
+
+    # -- setup ---------------------------------------------------------------------------------------
+
+    def _questions(self) -> tuple[list[Question], list[Question], list[Question]]:
+        config = self.config
+        labelled = read_questions(Path(config.train_data), config.max_train_examples or None)
+        train, val = split_off(labelled, config.val_examples, config.split_seed) if config.val_examples else (
+            labelled, [])
+        test = read_questions(Path(config.test_data), config.max_test_examples or None) if config.test_data else []
+        if len({len(q.endings) for q in [*train, *val, *test]}) > 1:
+            raise UserError("train_data and test_data have different numbers of endings per question")
+        return train, val, test
+
+    def _encode(self, questions: list[Question], block_size: int, name: str) -> list[Encoded]:
+        encoded, cropped = encode_questions(questions, self.tokenizer, self.markers, block_size)
+        if cropped:
+            self.log.print(f"{name}: {cropped} sequences longer than block_size {block_size} lost the start of "
+                           "their context")
+        return encoded
+
+    def _zero_shot(self, model: torch.nn.Module) -> dict[str, dict]:
+        """The untouched model's accuracy on val and test, ranking the endings by their likelihood."""
+        scores = {}
+        model.to(self.device)
+        for name, questions in (("val", self.val_questions), ("test", self.test_questions)):
+            if not questions:
+                continue
+            examples = zero_shot_examples(questions, self.tokenizer, model.config.block_size)
+            with self.autocast():
+                results = gather_results(evaluate(model, examples, self.config.eval_batch_size,
+                                                  progress=self.show_progress, desc=f"zero-shot {name}"))
+            scores[name] = summarize(results)
+            self.log.record("zero_shot", 0, split=name, **scores[name])
+            self.log.print(f"zero-shot {name}: acc {scores[name]['acc']:.4f}, acc_norm {scores[name]['acc_norm']:.4f} "
+                           f"({scores[name]['n']} questions)")
+        return scores
+
+    def _report_setup(self, num_params: int) -> None:
+        config = self.config
+        resolved = {**config.to_dict(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+        if self.is_main:
+            (self.log_dir / "config.toml").write_text(to_toml(resolved))
+        self.log.print(to_toml(resolved).rstrip())
+        self.log.print(f"model: {num_params:,} parameters, tokenizer {self.tokenizer.name}, markers "
+                       f"start/delimiter/extract = {self.markers.start}/{self.markers.delimiter}/"
+                       f"{self.markers.extract}")
+        self.log.print(f"questions: {len(self.train_set)} train, {len(self.val_set)} val, {len(self.test_set)} test; "
+                       f"{self.steps_per_epoch} steps per epoch of {config.batch_size} questions = "
+                       f"{config.micro_batch_size} x {self.distributed.world_size} process(es) x {self.accum} "
+                       f"accumulation step(s); warmup {self.warmup_steps} of {self.max_steps} steps")
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        config = self.config
+        rows, best = [], None
+        bar = self.log.progress(total=self.max_steps, initial=0, enabled=config.progress)
+        step = 0
+        try:
+            for epoch in range(1, config.epochs + 1):
+                shuffle = torch.Generator().manual_seed(config.seed + epoch)  # the same order on every rank
+                order = torch.randperm(len(self.train_set), generator=shuffle)
+                losses = []
+                for batch_start in range(0, self.steps_per_epoch * config.batch_size, config.batch_size):
+                    batch = [self.train_set[i] for i in order[batch_start : batch_start + config.batch_size]]
+                    losses.append(self.train_step(step, batch))
+                    step += 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", refresh=False)
+                row = self.evaluate(epoch, step, sum(losses) / len(losses))
+                rows.append(row)
+                # The first epoch of the best val accuracy; without a val set, the last epoch.
+                if best is None or not self.val_set or row["val_acc"] > best["val_acc"]:
+                    best = row
+                    self.save(row)
+        finally:
+            self.log.close()
+        self.report(rows, best)
+
+    def train_step(self, step: int, batch: list[Encoded]) -> float:
+        """One optimizer step over a batch of questions, this rank's share in micro-batches; the mean loss."""
+        config = self.config
+        lr = linear_learning_rate(step, config.max_lr, self.warmup_steps, self.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        mine = batch[self.distributed.rank :: self.distributed.world_size]
+        totals = torch.zeros(3, device=self.device)  # joint, classifier and LM loss
+        for micro_step in range(self.accum):
+            micro_batch = mine[micro_step * config.micro_batch_size : (micro_step + 1) * config.micro_batch_size]
+            inputs = collate(micro_batch, self.device)
+            last = micro_step == self.accum - 1
+            # DDP decides in the forward pass whether the backward all-reduces: gradients sync once, on the last.
+            with self.train_model.no_sync() if not last and self.distributed.world_size > 1 else nullcontext():
+                with self.autocast():
+                    _, clf_loss, lm_loss = self.train_model(
+                        inputs["idx"], inputs["extract"], inputs["labels"],
+                        inputs["lm_targets"] if config.lm_coef > 0 else None)
+                    loss = joint_loss(clf_loss, lm_loss, config.lm_coef)
+                (loss / self.accum).backward()
+            totals += torch.stack([loss.detach(), clf_loss.detach(),
+                                   lm_loss.detach() if lm_loss is not None else torch.zeros((), device=self.device)])
+        totals /= self.accum
+        if self.distributed.world_size > 1:  # gloo has no AVG: sum, then divide
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+            totals /= self.distributed.world_size
+        loss_value, clf_value, lm_value = totals.tolist()
+        if not math.isfinite(loss_value):
+            raise UserError(f"the loss is {loss_value} at step {step}: stopping. Lower --max-lr or check the data")
+        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lm = {"lm_loss": lm_value} if config.lm_coef > 0 else {}
+        self.log.record("train", step, loss=loss_value, clf_loss=clf_value, **lm, lr=lr, grad_norm=grad_norm)
+        if self.log.bar is None and (step % 10 == 0 or step == self.max_steps - 1):
+            self.log.print(f"step {step:5d} | loss {loss_value:.4f} | clf {clf_value:.4f}"
+                           + (f" | lm {lm_value:.4f}" if lm else "") + f" | lr {lr:.4e} | norm {grad_norm:.4f}")
+        return loss_value
+
+    # -- evaluation and checkpoints ------------------------------------------------------------------
+
+    def evaluate(self, epoch: int, step: int, train_loss: float) -> dict:
+        """Accuracy on every split after an epoch (every rank takes part); one table row."""
+        started = time.perf_counter()
+        row: dict = {"epoch": epoch, "train_loss": train_loss}
+        for name, encoded in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set)):
+            if encoded:
+                with self.autocast():
+                    row[f"{name}_acc"] = accuracy(self.model, encoded, self.config.eval_batch_size)
+        self.log.record("epoch", step, **row)
+        scores = ", ".join(f"{name} acc {row[f'{name}_acc']:.4f}" for name in ("train", "val", "test")
+                           if f"{name}_acc" in row)
+        self.log.print(f"epoch {epoch} (step {step}) | train loss {train_loss:.4f} | {scores} "
+                       f"({time.perf_counter() - started:.1f}s)")
+        return row
+
+    def save(self, row: dict) -> None:
+        """LOG_DIR/best: the LM with its marker tokens, and the classifier beside it."""
+        if self.is_main:
+            folder = save_checkpoint(self.log_dir / BEST_FOLDER, self.model.gpt, self.tokenizer,
+                                     extra_weights={CLASSIFIER_FILE: self.model.head.state_dict()},
+                                     markers=vars(self.markers), lm_coef=self.config.lm_coef, **row)
+            self.log.print(f"saved {folder} (epoch {row['epoch']})")
+        if self.distributed.world_size > 1:
+            dist.barrier()
+
+    def report(self, rows: list[dict], best: dict) -> None:
+        """The table of every epoch, the zero-shot row first, and the summary record."""
+        def cell(value: float | None) -> str:
+            return f"{value:.4f}" if value is not None else "-"
+
+        lines = ["| model | train loss | train acc | val acc | test acc |", "| --- | --- | --- | --- | --- |"]
+        for metric in ("acc", "acc_norm") if self.zero_shot else ():
+            lines.append(f"| zero-shot ({metric}) | - | - | {cell(self.zero_shot.get('val', {}).get(metric))} | "
+                         f"{cell(self.zero_shot.get('test', {}).get(metric))} |")
+        for row in rows:
+            lines.append(f"| epoch {row['epoch']} | {row['train_loss']:.4f} | {cell(row.get('train_acc'))} | "
+                         f"{cell(row.get('val_acc'))} | {cell(row.get('test_acc'))} |")
+        self.log.print("\n".join(lines))
+        self.log.print(f"best epoch by val accuracy: {best['epoch']} (val {cell(best.get('val_acc'))}, test "
+                       f"{cell(best.get('test_acc'))}), saved in {self.log_dir / BEST_FOLDER}")
+        zero_shot = {f"zero_shot_{name}_acc": scores["acc"] for name, scores in self.zero_shot.items()}
+        self.log.record("summary", self.max_steps, best_epoch=best["epoch"], best_val_acc=best.get("val_acc"),
+                        best_test_acc=best.get("test_acc"), **zero_shot)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = config_from_argv(argv, __doc__, FinetuneConfig)
+    distributed = init_distributed(config.device)
+    try:
+        Finetuner(config, distributed).run()
+    finally:
+        close_distributed()
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
