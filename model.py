@@ -233,10 +233,7 @@ class GPT(nn.Module):
         hidden = self.hidden_states(idx, kv_cache, positions, attn_mask)
         if targets is None:
             return self.logits(hidden), None
-        # The head's first vocab_size rows only, as in `logits`; the loss is float32 in any dtype.
-        loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight[: self.config.vocab_size],
-                                    targets.flatten())
-        return None, loss
+        return None, self.loss(hidden, targets)
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
                       positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -271,6 +268,12 @@ class GPT(nn.Module):
         # slicing the logits instead would copy the largest activation of a small GPT, and again
         # its gradient, at every step.
         return linear(hidden, self.lm_head.weight[: self.config.vocab_size])
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of `logits(hidden)` (..., C) against `targets` (...), skipping
+        targets of -1, in float32 whatever the dtype; without ever holding all the logits."""
+        return linear_cross_entropy(hidden.flatten(0, -2), self.lm_head.weight[: self.config.vocab_size],
+                                    targets.flatten())
 
     @property
     def device(self) -> torch.device:

@@ -255,7 +255,7 @@ class MultipleChoiceModel(nn.Module):
             targets = lm_targets.view(B * K, T)
             scored = targets != -1
             # The head runs on the scored positions only: padding would cost (tokens, vocab) for nothing.
-            lm_loss = F.cross_entropy(self.gpt.logits(hidden[scored]).float(), targets[scored])
+            lm_loss = self.gpt.loss(hidden[scored], targets[scored])
         return logits, clf_loss, lm_loss
 
 
