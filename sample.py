@@ -33,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", help="the prompt (default: --prompt-file, else stdin when piped, "
                                                   "else unconditional from <|endoftext|>)")
-    add_model_arguments(parser)
+    add_model_arguments(parser, cpu_bfloat16=True)
     parser.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
     parser.add_argument("-n", "--num-samples", type=int, help="samples per prompt (default: 5; 1 with --interactive "
                                                               "or --greedy)")
@@ -147,7 +147,7 @@ def interactive(model: GPT, encoding: Tokenizer, sampling: Sampling, args: argpa
 def main() -> None:
     args = parse_args()
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device, cpu_bfloat16=True)
     try:
         sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                             greedy=args.greedy)

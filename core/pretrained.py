@@ -64,12 +64,15 @@ def _load(spec: str) -> tuple[GPT, str, Path, list[str]]:
     return model, tokenizer, folder, added
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "gpt2") -> None:
-    """-m/--model, --device and --dtype, the same for every stage."""
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "gpt2",
+                        cpu_bfloat16: bool = False) -> None:
+    """-m/--model, --device and --dtype, the same for every stage; `cpu_bfloat16` as in
+    `core.devices.resolve_dtype`, which the stage must pass on."""
     parser.add_argument("-m", "--model", default=default_model,
                         help="our checkpoint folder, an HF model folder, or an HF hub name such as gpt2, "
                              f"gpt2-medium, gpt2-large, gpt2-xl, openai-gpt (default: {default_model})")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto: the first of "
                                                          "cuda, mps, cpu that is available (default)")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto: bfloat16 on GPUs "
+    native = "GPUs and CPUs" if cpu_bfloat16 else "GPUs"
+    parser.add_argument("--dtype", default="auto", help=f"float32, bfloat16, float16, or auto: bfloat16 on {native} "
                                                         "with native support, else float32 (default)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core import devices
 from core.devices import resolve_device, resolve_dtype
 from core.errors import UserError
 
@@ -43,3 +44,24 @@ def test_missing_devices_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UserError, match="has 1 GPU"):
         resolve_device("cuda:7")
+
+
+@pytest.mark.parametrize(("flags", "native"), [
+    ("fpu sse2 avx2 fma", False),  # an AVX2-only EPYC
+    ("fpu avx512f avx512_bf16 amx_bf16 amx_tile", True),  # Sapphire Rapids
+    ("fp asimd bf16 i8mm", True),  # an Arm server, whose field is "Features"
+])
+def test_auto_dtype_on_a_cpu_follows_its_bfloat16_units_where_asked(monkeypatch: pytest.MonkeyPatch, flags: str,
+                                                                   native: bool) -> None:
+    field = "Features" if "asimd" in flags else "flags"
+    monkeypatch.setattr(devices, "_cpuinfo", lambda *fields: flags if field in fields else "")
+    cpu = torch.device("cpu")
+    assert devices.cpu_has_native_bfloat16() is native
+    assert resolve_dtype("auto", cpu, cpu_bfloat16=True) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("auto", cpu) == torch.float32  # evaluation and training keep float32 on a CPU
+
+
+def test_cpuinfo_fields_are_read_from_the_real_file() -> None:
+    name = devices.cpu_name()
+    assert name and "\n" not in name
+    assert isinstance(devices.cpu_has_native_bfloat16(), bool)
