@@ -2,6 +2,10 @@
 
     python bench/bench_sample.py [--device cpu] [--dtype float32] [--repeats 3]
 
+It also measures two ceilings of the machine, in the same run and dtype: the time of one decode
+step's weight matmuls alone, and the bytes of the weights over the memory-read bandwidth; and
+prints each generator as a fraction of both.
+
 The GPT-2 124M config with random weights (speed does not depend on their values), 5 samples of
 128 new tokens from an 8-token prompt, top-k 50 sampling at temperature 1. The same weights run
 in HF transformers' `GPT2LMHeadModel.generate` (its own KV cache, the same sampling settings), and
@@ -25,6 +29,7 @@ from bench.hardware import describe_hardware
 from core.devices import resolve_device, resolve_dtype
 from core.generation import Sampling, generate, sample_next
 from core.hf import config_to_hf, state_dict_to_hf
+from core.matmul import linear
 from model import GPT, GPTConfig
 
 NUM_SAMPLES, NEW_TOKENS, TOP_K = 5, 128, 50
@@ -54,6 +59,52 @@ def hf_generate(model: GPT2LMHeadModel) -> list[list[int]]:
     return out[:, len(PROMPT):].tolist()
 
 
+@torch.inference_mode()
+def decode_matmul_seconds(model: GPT, repeats: int = 20) -> float:
+    """One decode step's weight products alone: NUM_SAMPLES rows through every linear layer and the
+    output layer, each in the formulation core/matmul.py picks here; the median of `repeats` steps."""
+    products = [(module.weight, module.bias) for module in model.modules()
+                if isinstance(module, torch.nn.Linear) and module is not model.lm_head]
+    products.append((model.lm_head.weight[: model.config.vocab_size], None))
+    inputs = {width: torch.randn(NUM_SAMPLES, width, device=model.device, dtype=model.lm_head.weight.dtype)
+              for width in {weight.size(1) for weight, _ in products}}
+
+    def step() -> None:
+        for weight, bias in products:
+            linear(inputs[weight.size(1)], weight, bias)
+
+    step()  # warm-up, and core/matmul.py's measurements
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        _synchronize(model.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def weight_bytes(model: GPT) -> int:
+    """The bytes a decode step must read at least: every weight once (the tied head counted once)."""
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "wpe" not in name)
+
+
+def read_bandwidth(device: torch.device, nbytes: int = 2**29) -> float:
+    """Bytes/s of reading memory: the best of a few sums over a buffer far larger than any cache."""
+    buffer = torch.ones(nbytes // 4, device=device)
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        buffer.sum()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return nbytes / min(times[1:])
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def tokens_per_second(run: Callable[[], list[list[int]]], repeats: int) -> float:
     run()  # warm-up: allocator, kernels, lazy initialisation
     times = []
@@ -72,7 +123,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device, cpu_bfloat16=True)  # what sample.py runs in
     torch.manual_seed(0)
     model = GPT(GPTConfig()).to(device=device, dtype=dtype).eval()
     reference = GPT2LMHeadModel(GPT2Config(**config_to_hf(model.config)))
@@ -85,10 +136,16 @@ def main() -> None:
     ours_tps = tokens_per_second(lambda: ours(model), args.repeats)
     hf_tps = tokens_per_second(lambda: hf_generate(reference), args.repeats)
     no_cache_tps = tokens_per_second(lambda: no_cache(model), max(1, args.repeats // 2))
-    print(f"ours (KV cache)      {ours_tps:8.1f} new tokens/s")
-    print(f"HF generate          {hf_tps:8.1f} new tokens/s   ours / HF       = {ours_tps / hf_tps:5.2f}x (goal 1.5x)")
-    print(f"no cache (recompute) {no_cache_tps:8.1f} new tokens/s   ours / no cache = "
-          f"{ours_tps / no_cache_tps:5.2f}x (goal 10x)")
+    matmul_ceiling = NUM_SAMPLES / decode_matmul_seconds(model)
+    bandwidth = read_bandwidth(device)
+    bandwidth_ceiling = NUM_SAMPLES * bandwidth / weight_bytes(model)
+    print(f"ceilings: the weight matmuls of a decode step alone {matmul_ceiling:8.1f} new tokens/s; "
+          f"{weight_bytes(model) / 1e6:.0f} MB of weights at {bandwidth / 1e9:.1f} GB/s read {bandwidth_ceiling:8.1f}")
+    for name, tps in (("ours (KV cache)", ours_tps), ("HF generate", hf_tps), ("no cache (recompute)", no_cache_tps)):
+        print(f"{name:20} {tps:8.1f} new tokens/s   {tps / matmul_ceiling:6.1%} of the matmul ceiling, "
+              f"{tps / bandwidth_ceiling:6.1%} of the bandwidth ceiling")
+    print(f"ours / HF = {ours_tps / hf_tps:5.2f}x (goal 1.5x); ours / no cache = {ours_tps / no_cache_tps:5.2f}x "
+          "(goal 10x); ours / matmul ceiling goal 75%")
 
 
 if __name__ == "__main__":
