@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 
 import torch
@@ -59,6 +60,7 @@ def cpu_has_native_bfloat16() -> bool:
     return any(flag in NATIVE_BFLOAT16_FLAGS for flag in _cpuinfo("flags", "Features").split())
 
 
+@functools.cache  # read once: core/matmul.py names its per-machine answers with it
 def cpu_name() -> str:
     """The processor's model name ("AMD EPYC 9R14", ...), for benchmarks and per-machine answers."""
     return _cpuinfo("model name") or platform.processor() or platform.machine()

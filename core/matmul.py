@@ -46,7 +46,7 @@ TIMED_CALLS = 2
 MEASURED_ROWS = 128
 DECISIONS_FILE = "matmul.json"
 
-_decisions: dict[str, bool] = {}  # this process's copy of the machine's answers
+_decisions: dict[tuple, bool] = {}  # this process's copy of the machine's answers
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,10 +55,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     rows = x.numel() // x.size(-1)
     x2d = x.reshape(rows, x.size(-1))
-    key = _shape_key(rows, x2d, weight, bias)
-    transposed = _decisions.get(key)
+    # Rows as they matter to a GEMM: exact for a few (decode batches), else rounded up to a power of
+    # two up to MEASURED_ROWS (prompts of every length share one measurement per size class).
+    size_class = rows if rows <= 16 else min(1 << (rows - 1).bit_length(), MEASURED_ROWS)
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    key = (size_class, weight.size(1), weight.size(0), x.dtype, weight.dtype, bias is not None, autocast,
+           torch.get_num_threads())
+    transposed = _decisions.get(key)  # a tuple: this runs at every product, so no string, no file
     if transposed is None:
-        transposed = _decisions[key] = _decide(key, x2d[:MEASURED_ROWS], weight, bias)
+        transposed = _decisions[key] = _decide(_file_key(*key), x2d[:MEASURED_ROWS], weight, bias)
     y = linear_transposed(x2d, weight, bias) if transposed else F.linear(x2d, weight, bias)
     return y.reshape(*x.shape[:-1], y.size(-1))
 
@@ -120,13 +125,8 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _shape_key(rows: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
-    """What the answer depends on: the machine, torch and its threads, the product's shape class."""
-    # Rows as they matter to a GEMM: exact for a few (decode batches), else rounded up to a power of
-    # two up to MEASURED_ROWS (prompts of every length share one measurement per size class).
-    size_class = rows if rows <= 16 else min(1 << (rows - 1).bit_length(), MEASURED_ROWS)
-    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    return (f"{cpu_name()} | torch {torch.__version__}, {torch.get_num_threads()} threads | "
-            f"{size_class} x {weight.size(1)} -> {weight.size(0)}, {x.dtype}, weight {weight.dtype}, "
-            f"bias {bias is not None}, autocast {autocast}")
-
+def _file_key(size_class: int, in_features: int, out_features: int, x_dtype: torch.dtype, weight_dtype: torch.dtype,
+              bias: bool, autocast: torch.dtype | None, threads: int) -> str:
+    """The decisions file's name for a product: what the answer depends on, the machine included."""
+    return (f"{cpu_name()} | torch {torch.__version__}, {threads} threads | {size_class} x {in_features} -> "
+            f"{out_features}, {x_dtype}, weight {weight_dtype}, bias {bias}, autocast {autocast}")
