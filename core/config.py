@@ -186,8 +186,9 @@ def read_toml(path: Path, config_class: ConfigClass = TrainConfig) -> dict[str, 
         raise UserError(f"cannot read config {path}: {error.strerror or error}") from None
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"{path} is not valid TOML: {error}") from None
+    known = fields_of(config_class)
     for key, value in values.items():
-        if key not in fields_of(config_class):
+        if key not in known:
             raise unknown_key_error(key, str(path), config_class)
         if isinstance(value, dict):
             raise UserError(f"{path}: [{key}] tables are not used; every setting is a top-level key")
