@@ -7,8 +7,11 @@
 
 Every document becomes <|endoftext|> followed by its tokens. The first documents of the stream, as
 many as fit whole in --val-tokens (default: one shard, as build-nanogpt's first shard), are the val
-split; all later documents are train, optionally shuffled (--shuffle-seed). No document is split
-between val and train. Each split is cut into shards of --shard-size tokens (format: core/shards.py).
+split; all later documents are train, optionally shuffled (--shuffle-seed). With --shuffle-val the
+shuffle comes first, so val is a sample of the first shuffle window (of the whole corpus, when the
+window covers it), not its opening: for a corpus whose documents are not alike from start to end,
+such as one play after another. No document is split between val and train. Each split is cut into
+shards of --shard-size tokens (format: core/shards.py).
 
 The shards are the same whatever --workers is. Each shard is written atomically, and after each one
 OUT/PREFIX_manifest.json records where to resume: re-running the same command after an interruption
@@ -48,7 +51,7 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 # two tasks per worker kept in flight stay a few MB even on a many-core machine.
 BATCH_CHARS = 1 << 18
 MANIFEST_FORMAT = "gpt2-toolkit-shards"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the restart point holds every split's position
 LOCAL_FILES_ADVICE = ("To tokenize local files instead, pass them with --input (.txt, .jsonl, .jsonl.gz or .parquet "
                       "files, or folders of them), e.g. `python fineweb.py --input corpus/ --out data/mine`.")
 
@@ -295,36 +298,40 @@ class SplitWriter:
 @dataclass
 class RestartPoint:
     """Where a re-run picks up: source document `document` is the first of a unit (one document, or a
-    shuffle window) that starts at token `position` of `split`, with `documents` routed before it."""
+    shuffle window), read while `split` was being filled; `positions` and `documents` are each split's
+    tokens and documents before it. At most one split has a shard in progress at any time (val is
+    finished before train starts), so the unit that completes a shard is a safe place to restart."""
 
     document: int
     split: str
-    position: int
+    positions: dict[str, int]
     documents: dict[str, int]
 
 
 class ShardBuilder:
-    """Routes tokenized documents to val and then train, shuffles train in windows of documents,
-    stops at --max-tokens, and saves the manifest after every shard."""
+    """Routes tokenized documents to val and then train, shuffles in windows of documents (train's,
+    or val's and train's with --shuffle-val), stops at --max-tokens, and saves the manifest after
+    every shard."""
 
     def __init__(self, folder: Path, encoding: tiktoken.Encoding, settings: dict[str, Any],
                  manifest: dict[str, Any] | None) -> None:
         self.settings = settings
         self.val_tokens, self.max_tokens = settings["val_tokens"], settings["max_tokens"]
         self.shuffle_seed, self.shuffle_window = settings["shuffle_seed"], settings["shuffle_window"]
+        self.shuffle_val = settings["shuffle_val"]
         self.manifest_path = manifest_path(folder, settings["prefix"])
         splits = manifest["splits"] if manifest else {split: {"shards": [], "tokens": 0} for split in SPLITS}
-        fresh = RestartPoint(document=0, split="val", position=0, documents=dict.fromkeys(SPLITS, 0))
+        fresh = RestartPoint(document=0, split="val", positions=dict.fromkeys(SPLITS, 0),
+                             documents=dict.fromkeys(SPLITS, 0))
         self.restart = RestartPoint(**manifest["resume"]) if manifest else fresh
         self.split = self.restart.split
         self.documents = dict(self.restart.documents)
         self.writers = {split: SplitWriter(folder, settings["prefix"], split, settings["shard_size"], encoding,
                                            splits[split]["shards"], splits[split]["tokens"],
-                                           position=self.restart.position if split == self.split
-                                           else splits[split]["tokens"])
+                                           position=self.restart.positions[split])
                         for split in SPLITS}
         self.window: list[np.ndarray] = []
-        self.window_start = 0
+        self.window_start = self.restart
         self.stopped = False
         if manifest is None:  # before the first shard, so that a crash at any point leaves a manifest to resume
             self._save_manifest(complete=False)
@@ -335,29 +342,26 @@ class ShardBuilder:
 
     def add(self, document: int, tokens: np.ndarray) -> bool:
         """Route source document number `document`; False once --max-tokens is reached."""
-        if self.split == "val":
-            val = self.writers["val"]
-            first = self.documents["val"] == 0 and self.val_tokens > 0  # val is never empty when asked for
-            if first or val.position + len(tokens) <= self.val_tokens:
-                self.restart = RestartPoint(document, "val", val.position, dict(self.documents))
-                return self._append("val", tokens)
-            self._end_val(document)
-        if self.shuffle_seed is None:
-            self.restart = RestartPoint(document, "train", self.writers["train"].position, dict(self.documents))
-            return self._append("train", tokens)
-        if not self.window:
-            self.window_start = document
-        self.window.append(tokens)
-        return len(self.window) < self.shuffle_window or self._append_window()
+        if self.shuffle_seed is not None and (self.split == "train" or self.shuffle_val):
+            if not self.window:
+                self.window_start = self._restart_at(document)
+            self.window.append(tokens)
+            return len(self.window) < self.shuffle_window or self._append_window()
+        self.restart = self._restart_at(document)
+        if self.split == "val" and not self._val_takes(tokens):
+            self._end_val()
+            if self.shuffle_seed is not None:
+                return self.add(document, tokens)  # the first train document opens the first shuffle window
+        return self._append(self.split, tokens)
 
     def finish(self, documents_read: int) -> dict[str, Any]:
         """Write what is left, mark the manifest complete, and return it."""
         if self.window and not self.stopped:
             self._append_window()
         if self.split == "val":
-            self._end_val(documents_read)
+            self._end_val()
         self.writers["train"].flush()
-        self.restart = RestartPoint(documents_read, self.split, self.writers[self.split].position, self.documents)
+        self.restart = self._restart_at(documents_read)
         return self._save_manifest(complete=True)
 
     def abort(self) -> None:
@@ -365,13 +369,26 @@ class ShardBuilder:
         for writer in self.writers.values():
             writer.abort()
 
+    def _restart_at(self, document: int) -> RestartPoint:
+        positions = {split: writer.position for split, writer in self.writers.items()}
+        return RestartPoint(document, self.split, positions, dict(self.documents))
+
+    def _val_takes(self, tokens: np.ndarray) -> bool:
+        first = self.documents["val"] == 0 and self.val_tokens > 0  # val is never empty when asked for
+        return first or self.writers["val"].position + len(tokens) <= self.val_tokens
+
     def _append_window(self) -> bool:
         """Append the shuffle window's documents in an order drawn from the seed and the window's first
         document's number, so that a resumed run draws the same order."""
-        order = np.random.default_rng([self.shuffle_seed, self.window_start]).permutation(len(self.window))
-        self.restart = RestartPoint(self.window_start, "train", self.writers["train"].position, dict(self.documents))
+        order = np.random.default_rng([self.shuffle_seed, self.window_start.document]).permutation(len(self.window))
+        self.restart = self.window_start
         window, self.window = self.window, []
-        return all(self._append("train", window[index]) for index in order)
+        for index in order:
+            if self.split == "val" and not self._val_takes(window[index]):
+                self._end_val()
+            if not self._append(self.split, window[index]):
+                return False
+        return True
 
     def _append(self, split: str, tokens: np.ndarray) -> bool:
         if self.max_tokens is not None:
@@ -382,10 +399,9 @@ class ShardBuilder:
         self.stopped = self.max_tokens is not None and self.total_tokens >= self.max_tokens
         return not self.stopped
 
-    def _end_val(self, next_document: int) -> None:
+    def _end_val(self) -> None:
         self.writers["val"].flush()
         self.split = "train"
-        self.restart = RestartPoint(next_document, "train", 0, dict(self.documents))
         self._save_manifest(complete=False)
 
     def _save_manifest(self, complete: bool) -> dict[str, Any]:
@@ -422,8 +438,10 @@ def load_manifest(folder: Path, prefix: str, settings: dict[str, Any]) -> dict[s
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise UserError(f"cannot read {path}: {error}") from None
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version", 0) > MANIFEST_VERSION:
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version", 0) not in (1, MANIFEST_VERSION):
         raise UserError(f"{path} is not a version {MANIFEST_VERSION} {MANIFEST_FORMAT} manifest")
+    if manifest["version"] == 1:
+        _upgrade_from_version_1(manifest)
     changed = [f"{key} ({_short(manifest['settings'].get(key))} then, {_short(settings.get(key))} now)"
                for key in sorted(settings.keys() | manifest["settings"].keys())
                if manifest["settings"].get(key) != settings.get(key)]
@@ -440,6 +458,17 @@ def load_manifest(folder: Path, prefix: str, settings: dict[str, Any]) -> dict[s
                 raise UserError(f"{path.name} lists {name} as complete, but: {error}. "
                                 f"Delete {folder} to start over") from None
     return manifest
+
+
+def _upgrade_from_version_1(manifest: dict[str, Any]) -> None:
+    """Version 1 (before --shuffle-val) kept one position, the split being written's; the other split
+    was complete or empty, so its position is its tokens."""
+    resume = manifest["resume"]
+    position = resume.pop("position")
+    resume["positions"] = {split: position if split == resume["split"] else manifest["splits"][split]["tokens"]
+                           for split in SPLITS}
+    manifest["settings"].setdefault("shuffle_val", False)
+    manifest["version"] = MANIFEST_VERSION
 
 
 def _short(value: Any) -> str:
@@ -479,6 +508,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="stop after TOKENS tokens in all (the last document is cut)")
     output.add_argument("--shuffle-seed", type=_count, metavar="SEED",
                         help="shuffle the train documents, within windows of --shuffle-window documents")
+    output.add_argument("--shuffle-val", action="store_true",
+                        help="shuffle before the val/train split, so that val is a sample of the first shuffle "
+                             "window rather than its first documents (needs --shuffle-seed)")
     output.add_argument("--shuffle-window", type=_positive_count, default=10_000, metavar="DOCS",
                         help="documents per shuffle window; memory grows with it (default: %(default)s)")
     output.add_argument("--workers", type=_positive_count, default=_available_cores(), metavar="N",
@@ -488,6 +520,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.dataset_config = DEFAULT_DATASET_CONFIG
     if args.val_tokens is None:
         args.val_tokens = args.shard_size
+    if args.shuffle_val and args.shuffle_seed is None:
+        parser.error("--shuffle-val needs --shuffle-seed")
     return args
 
 
@@ -521,7 +555,7 @@ def settings_of(args: argparse.Namespace, files: list[Path]) -> dict[str, Any]:
         source = {"dataset": args.dataset, "dataset_config": args.dataset_config, "dataset_split": args.split}
     return {**source, "text_column": args.text_column, "max_docs": args.max_docs, "tokenizer": args.tokenizer,
             "prefix": args.prefix, "shard_size": args.shard_size, "val_tokens": args.val_tokens,
-            "max_tokens": args.max_tokens, "shuffle_seed": args.shuffle_seed,
+            "max_tokens": args.max_tokens, "shuffle_seed": args.shuffle_seed, "shuffle_val": args.shuffle_val,
             "shuffle_window": args.shuffle_window if args.shuffle_seed is not None else None}
 
 
@@ -544,9 +578,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     builder = ShardBuilder(args.out, encoding, settings, manifest)
     first = builder.restart.document
-    if first:
-        done = sum(len(writer.shards) for writer in builder.writers.values())
-        print(f"resuming: {done} shards complete; skipping their {first:,} documents (read, not tokenized)")
+    done = sum(len(writer.shards) for writer in builder.writers.values())
+    if done:
+        print(f"resuming: {done} shards complete; " + (f"skipping their {first:,} documents (read, not tokenized)"
+              if first else "they come from the first shuffle window, which is tokenized again"))
     started, tokens_at_start = time.perf_counter(), builder.total_tokens
     manifest = build_shards(builder, islice(documents, first, args.max_docs), encoding, args.workers)
     seconds = time.perf_counter() - started

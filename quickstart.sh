@@ -43,7 +43,7 @@ fi
 
 say "tokenizing data/tinyshakespeare.txt into $DATA_DIR/"
 "$py" fineweb.py --input data/tinyshakespeare.txt --txt-paragraphs --out "$DATA_DIR" --prefix shakespeare \
-  --val-tokens 32768 --shard-size 100000
+  --val-tokens 32768 --shard-size 100000 --shuffle-seed 1337 --shuffle-val
 
 say "training configs/quickstart.toml (logs in $LOG_DIR/)"
 "$py" train_gpt2.py --config configs/quickstart.toml ${QUICKSTART_STEPS:+--max-steps "$QUICKSTART_STEPS"}
