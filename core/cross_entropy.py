@@ -31,13 +31,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
     hidden (N, C), weight (V, C), targets (N,). The same value as F.cross_entropy over float32 logits.
     """
-    if hidden.device.type == "cpu":
-        return _chunked_linear_cross_entropy(hidden, weight, targets)
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX)
-
-
-@torch.compiler.disable  # a compiled model runs its body compiled and this loop eagerly
-def _chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if hidden.device.type != "cpu":
+        return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX)
+    if torch.compiler.is_compiling():
+        # A compiled model runs its body compiled and this loop eagerly. Disabled here rather than
+        # with a decorator, which would import torch._dynamo (3 s) into every script that never compiles.
+        return torch.compiler.disable(ChunkedLinearCrossEntropy.apply)(hidden, weight, targets)
     return ChunkedLinearCrossEntropy.apply(hidden, weight, targets)
 
 

@@ -47,23 +47,30 @@ MEASURED_ROWS = 128
 DECISIONS_FILE = "matmul.json"
 
 _decisions: dict[tuple, bool] = {}  # this process's copy of the machine's answers
+_last_choice: dict[tuple, bool] = {}  # by shape alone: what code being compiled reads
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x (..., in), weight (out, in): (..., out)."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or _needs_grad(x, weight, bias):
+    if x.device.type != "cpu" or _needs_grad(x, weight, bias):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.size(-1)
     x2d = x.reshape(rows, x.size(-1))
     # Rows as they matter to a GEMM: exact for a few (decode batches), else rounded up to a power of
     # two up to MEASURED_ROWS (prompts of every length share one measurement per size class).
     size_class = rows if rows <= 16 else min(1 << (rows - 1).bit_length(), MEASURED_ROWS)
-    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    key = (size_class, weight.size(1), weight.size(0), x.dtype, weight.dtype, bias is not None, autocast,
-           torch.get_num_threads())
-    transposed = _decisions.get(key)  # a tuple: this runs at every product, so no string, no file
-    if transposed is None:
-        transposed = _decisions[key] = _decide(_file_key(*key), x2d[:MEASURED_ROWS], weight, bias)
+    shape = (size_class, weight.size(1), weight.size(0), x.dtype, weight.dtype, bias is not None)
+    if torch.compiler.is_compiling():
+        # Nothing can be timed while tracing: the graph takes, as a constant, the choice the same
+        # product got when it last ran eagerly (in the same thread count and autocast), else F.linear.
+        transposed = _last_choice.get(shape, False)
+    else:
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        key = (*shape, autocast, torch.get_num_threads())
+        transposed = _decisions.get(key)  # a tuple: this runs at every product, so no string, no file
+        if transposed is None:
+            transposed = _decisions[key] = _decide(_file_key(*key), x2d[:MEASURED_ROWS], weight, bias)
+        _last_choice[shape] = transposed
     y = linear_transposed(x2d, weight, bias) if transposed else F.linear(x2d, weight, bias)
     return y.reshape(*x.shape[:-1], y.size(-1))
 
