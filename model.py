@@ -95,32 +95,59 @@ class KVCache:
     """Keys and values of every layer, preallocated for `max_len` positions.
 
     Rows of a batch advance together: `pos` is the number of positions already cached, and
-    `GPT.forward` moves it on after every layer has written its slice.
+    `GPT.hidden_states` moves it on after every layer has written its slice. By default `pos` is a
+    Python int and attention reads exactly the positions cached so far. A static cache keeps every
+    shape the same from step to step, which a compiled decode step (and a CUDA graph) needs, as in
+    gpt-fast: `pos` is a tensor on the device, new keys and values are written at it, and attention
+    reads all `max_len` positions under a mask that hides those not written yet.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 static: bool = False) -> None:
         if max_len > config.block_size:
             raise UserError(f"KV cache of {max_len} positions exceeds block_size {config.block_size}")
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
+        # One tensor per layer, not views of one: a compiled step then writes each in place, where
+        # a write through a view of a shared base becomes a copy of the whole base at every layer.
+        shape = (batch_size, config.n_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.static = static
+        self.pos: int | torch.Tensor = torch.zeros((), dtype=torch.long, device=device) if static else 0
+        if static:  # buffers that a compiled step (a CUDA graph) updates in place, at fixed addresses
+            for buffer in (*self.k, *self.v, self.pos):
+                torch._dynamo.mark_static_address(buffer)
 
     @property
     def max_len(self) -> int:
-        return self.k.size(3)
+        return self.k[0].size(2)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, nh, T, hs) keys and values; return all cached so far for `layer`.
+        """Store this step's (B, nh, T, hs) keys and values; return the cached ones for `layer`: those
+        so far, or all max_len of a static cache.
 
         Keys and values of a single row (B = 1) go to every row: a prompt shared by all the samples
         of a batch is prefilled once. The result has as many rows as the input.
         """
+        k_cache, v_cache = self.k[layer], self.v[layer]  # (B, nh, max_len, hs)
+        if self.static:
+            index = self.pos + torch.arange(k.size(2), device=k.device)
+            k_cache[:, :, index] = k  # broadcasts a single row
+            v_cache[:, :, index] = v
+            return k_cache[: k.size(0)], v_cache[: k.size(0)]
         end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k  # broadcasts a single row
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, : k.size(0), :, :end], self.v[layer, : k.size(0), :, :end]
+        k_cache[:, :, self.pos:end] = k
+        v_cache[:, :, self.pos:end] = v
+        return k_cache[: k.size(0), :, :end], v_cache[: k.size(0), :, :end]
+
+    def attention_mask(self, length: int) -> torch.Tensor | None:
+        """For a static cache, (length, max_len): True where the queries of the next `length`
+        positions may attend (keys up to their own position). None otherwise: attention reads
+        just the cached slice, which needs no such mask."""
+        if not self.static:
+            return None
+        positions = self.pos + torch.arange(length, device=self.pos.device)
+        return torch.arange(self.max_len, device=self.pos.device) <= positions.unsqueeze(1)
 
 
 class Linear(nn.Linear):
@@ -250,10 +277,12 @@ class GPT(nn.Module):
             raise ValueError("positions and attn_mask go together, and not with a KV cache")
         start = kv_cache.pos if kv_cache is not None else 0
         limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
-        if start + T > limit and positions is None:
+        if positions is None and isinstance(start, int) and start + T > limit:  # (a static cache's is a tensor)
             raise ValueError(f"sequence of {start + T} positions exceeds the limit of {limit}")
         if positions is None:
-            positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+            positions = start + torch.arange(T, dtype=torch.long, device=idx.device)
+        if kv_cache is not None:
+            attn_mask = kv_cache.attention_mask(T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache, attn_mask)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,13 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from core.checkpoint import save_checkpoint
-from core.generation import Sampling, TextStream, candidates, fit_to_context, generate, sample_next
+from torch._dynamo.utils import counters
+
+from core.generation import (Sampling, TextStream, candidates, compile_decode_step, decode_step, fit_to_context,
+                             generate, sample_next, static_cache_length)
 from core.pretrained import load_model
 from core.tokenizer import get_tokenizer
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache
 from tests.weights import redraw_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,18 +32,42 @@ def small_model(**overrides: object) -> GPT:
     return redraw_weights(GPT(GPTConfig(**{**config, **overrides})), std=0.5)
 
 
+def recomputed_greedy(model: GPT, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens the plain way: the whole sequence through the model at every step, no cache."""
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits, _ = model(torch.tensor([sequence]))
+            sequence.append(int(logits[0, -1].argmax()))
+    return sequence[len(prompt):]
+
+
 def test_greedy_with_cache_equals_argmax_of_full_recomputation() -> None:
     model = small_model()
     prompt = [5, 17, 42, 3]
     generated = generate(model, prompt, num_samples=2, max_new_tokens=30, sampling=Sampling(greedy=True))
-    sequence = list(prompt)
-    with torch.no_grad():
+    expected = recomputed_greedy(model, prompt, 30)
+    assert generated == [expected, expected]
+    assert len(set(expected)) > 2  # not one token repeated, which would hide a wrong position or cache slot
+
+
+def test_compiled_decode_equals_full_recomputation_and_compiles_before_generating() -> None:
+    model = small_model()
+    prompt = [5, 17, 42, 3]
+    expected = recomputed_greedy(model, prompt, 30)
+    assert compile_decode_step(model, 2, len(prompt), 30) > 0
+    graphs = dict(counters["stats"])
+    assert generate(model, prompt, 2, 30, Sampling(greedy=True), compiled=True) == [expected, expected]
+    assert dict(counters["stats"]) == graphs  # nothing compiled while generating: no compile time in its tokens/s
+    # A static cache, eagerly: the same tokens, attending over all 64 positions under a mask.
+    cache = KVCache(model.config, 1, static_cache_length(33, model.config.block_size), static=True)
+    assert cache.max_len == 64
+    tokens, static = torch.tensor([prompt]), []
+    with torch.inference_mode():
         for _ in range(30):
-            logits, _ = model(torch.tensor([sequence]))
-            sequence.append(int(logits[0, -1].argmax()))
-    assert generated[0] == sequence[len(prompt):]
-    assert generated[1] == generated[0]
-    assert len(set(generated[0])) > 2  # not one token repeated, which would hide a wrong position or cache slot
+            tokens = decode_step(model, tokens, cache).argmax(-1, keepdim=True)  # (1, 1)
+            static.append(tokens.item())
+    assert static == expected and int(cache.pos) == 4 + 29  # the last new token is never fed back
 
 
 def test_fixed_seed_reproduces_samples_and_another_seed_differs() -> None:
@@ -236,6 +264,15 @@ def test_sample_json_is_reproducible_and_decodes(checkpoint: Path) -> None:
     for sample in result["samples"]:
         assert len(sample["tokens"]) == 12
         assert sample["text"] == get_tokenizer("gpt2").decode(sample["tokens"])
+
+
+def test_sample_compile_gives_the_eager_tokens_and_reports_compile_time_apart(checkpoint: Path) -> None:
+    args = ("-m", str(checkpoint), "-n", "2", "--max-new-tokens", "12", "--top-k", "5", "Hello, I'm a")
+    eager, compiled = run_sample(*args), run_sample(*args, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout  # the same seed, the same samples
+    assert re.search(r"\[decode step compiled in [\d.]+s, not counted in the tokens/s\]\n\[24 new tokens in ",
+                     compiled.stderr), compiled.stderr
 
 
 def test_sample_drops_the_line_break_that_ends_stdin(checkpoint: Path) -> None:
