@@ -8,14 +8,18 @@ the FineWeb-Edu documents, and tiny Shakespeare in ~4 KB documents), then altern
   - the ceiling: tiktoken's `encode_ordinary_batch(texts, num_threads=W)` on the same documents,
     already in memory, results thrown away;
   - fineweb.py: `main()` in a fresh child process with --workers W: reading the JSONL, tokenizing,
-    writing and fsyncing shards; the child reports its own peak RSS (VmHWM).
-The goal is at least 0.85 of the ceiling, and peak RSS under 1 GB whatever the corpus size.
+    writing and fsyncing shards; the child reports its own peak RSS (VmHWM);
+  - the whole run, as a user types it: `python fineweb.py --input corpus.jsonl --workers W`, timed
+    from outside, less the start-up (imports, loading the tokenizer) timed on a one-document corpus.
+Goals: main() at least 0.85 of the ceiling, the whole run at least 0.9, peak RSS under 100 MB
+whatever the corpus size.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -34,7 +38,8 @@ SHARED_TEXT = ROOT.parent / "shared" / "data" / "text"
 SHAKESPEARE_DOC_CHARS = 4000
 CEILING_BATCH_DOCS = 1000  # encode_ordinary_batch returns lists of ints: keep them few at a time
 GOAL_RATIO = 0.85
-GOAL_RSS_MB = 1024
+GOAL_WHOLE_RUN_RATIO = 0.9
+GOAL_RSS_MB = 100
 
 
 def build_corpus(path: Path, size_mb: float) -> list[str]:
@@ -76,6 +81,20 @@ def measure_fineweb(corpus: Path, out: Path, tokenizer: str, workers: int) -> di
     if child.returncode != 0:
         sys.exit(f"fineweb.py failed:\n{child.stdout}\n{child.stderr}")
     return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def time_whole_run(corpus: Path, out: Path, tokenizer: str, workers: int) -> tuple[float, float]:
+    """Seconds and peak RSS (MB) of `python fineweb.py --input CORPUS ...`, start-up included."""
+    command = [sys.executable, str(ROOT / "fineweb.py"), "--input", str(corpus), "--out", str(out),
+               "--tokenizer", tokenizer, "--workers", str(workers), "--val-tokens", "1000000"]
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not every child's so far
+    seconds = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed with exit code {child.returncode}")
+    return seconds, usage.ru_maxrss / 1024  # KiB on Linux
 
 
 def run_child(corpus: str, out: str, tokenizer: str, workers: str) -> None:
@@ -122,7 +141,9 @@ def main() -> None:
         documents = build_corpus(corpus, args.size_mb)
         print(f"corpus: {corpus.stat().st_size / 1e6:.1f} MB, {len(documents):,} documents; "
               f"{args.tokenizer}, {args.workers} workers, {args.rounds} rounds")
-        ceiling, pipeline, peak_rss = [], [], []
+        one_document = Path(folder) / "one_document.jsonl"
+        one_document.write_text(json.dumps({"text": documents[0]}) + "\n")
+        ceiling, pipeline, whole_run, peak_rss = [], [], [], []
         for round_number in range(args.rounds):
             text_tokens, seconds = measure_ceiling(documents, args.tokenizer, args.workers)
             ceiling.append(text_tokens / seconds)
@@ -133,11 +154,19 @@ def main() -> None:
                          f"expected {text_tokens + len(documents):,} of {len(documents):,}")
             pipeline.append(text_tokens / result["seconds"])
             peak_rss.append(result["peak_rss_mb"])
+            startup, _ = time_whole_run(one_document, Path(folder) / f"startup_{round_number}", args.tokenizer,
+                                        args.workers)
+            whole, whole_rss = time_whole_run(corpus, Path(folder) / f"whole_{round_number}", args.tokenizer,
+                                              args.workers)
+            whole_run.append(text_tokens / (whole - startup))
+            peak_rss.append(whole_rss)
             print(f"  round {round_number + 1}: ceiling {ceiling[-1] / 1e6:.2f}M tokens/s ({seconds:.2f} s), "
-                  f"fineweb.py {pipeline[-1] / 1e6:.2f}M tokens/s ({result['seconds']:.2f} s, "
-                  f"peak RSS {peak_rss[-1]:.0f} MB)")
-            for shard in out.iterdir():
-                shard.unlink()
+                  f"fineweb.main {pipeline[-1] / 1e6:.2f}M tokens/s ({result['seconds']:.2f} s, "
+                  f"peak RSS {result['peak_rss_mb']:.0f} MB), whole run {whole_run[-1] / 1e6:.2f}M tokens/s "
+                  f"({whole:.2f} s less {startup:.2f} s of start-up; peak RSS {whole_rss:.0f} MB)")
+            for run in (out, Path(folder) / f"startup_{round_number}", Path(folder) / f"whole_{round_number}"):
+                for shard in run.iterdir():
+                    shard.unlink()
     # The machine may be shared: each round's ratio compares two runs made seconds apart, so their median
     # is the figure that noise moves least; the best of each side is printed beside it.
     ratio = statistics.median(ours / theirs for ours, theirs in zip(pipeline, ceiling, strict=True))
@@ -145,6 +174,10 @@ def main() -> None:
     print(f"fineweb.py ({args.workers} workers, read + tokenize + write):    best {max(pipeline) / 1e6:.2f}M tokens/s")
     print(f"ratio: {ratio:.3f} median of the rounds, {max(pipeline) / max(ceiling):.3f} best to best "
           f"(goal >= {GOAL_RATIO}) {'ok' if ratio >= GOAL_RATIO else 'MISSED'}")
+    whole_ratio = statistics.median(ours / theirs for ours, theirs in zip(whole_run, ceiling, strict=True))
+    print(f"whole run (python fineweb.py, start-up subtracted):  best {max(whole_run) / 1e6:.2f}M tokens/s; "
+          f"ratio {whole_ratio:.3f} median of the rounds (goal >= {GOAL_WHOLE_RUN_RATIO}) "
+          f"{'ok' if whole_ratio >= GOAL_WHOLE_RUN_RATIO else 'MISSED'}")
     print(f"fineweb.py peak RSS: {max(peak_rss):.0f} MB (goal < {GOAL_RSS_MB} MB) "
           f"{'ok' if max(peak_rss) < GOAL_RSS_MB else 'MISSED'}")
 
