@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -84,17 +83,22 @@ def measure_fineweb(corpus: Path, out: Path, tokenizer: str, workers: int) -> di
 
 
 def time_whole_run(corpus: Path, out: Path, tokenizer: str, workers: int) -> tuple[float, float]:
-    """Seconds and peak RSS (MB) of `python fineweb.py --input CORPUS ...`, start-up included."""
+    """Seconds and peak RSS (MB) of `python fineweb.py --input CORPUS ...`, start-up included.
+
+    The peak is the child's VmHWM, read while it runs: its ru_maxrss would count this process's
+    memory (the corpus held for the ceiling), which the child shares between fork and exec."""
     command = [sys.executable, str(ROOT / "fineweb.py"), "--input", str(corpus), "--out", str(out),
                "--tokenizer", tokenizer, "--workers", str(workers), "--val-tokens", "1000000"]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not every child's so far
+    peak_mb = 0.0
+    while child.poll() is None:
+        peak_mb = max(peak_mb, vm_hwm_mb(Path(f"/proc/{child.pid}/status")) or 0.0)
+        time.sleep(0.02)
     seconds = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         sys.exit(f"{' '.join(command)} failed with exit code {child.returncode}")
-    return seconds, usage.ru_maxrss / 1024  # KiB on Linux
+    return seconds, peak_mb
 
 
 def run_child(corpus: str, out: str, tokenizer: str, workers: str) -> None:
@@ -114,13 +118,19 @@ def run_child(corpus: str, out: str, tokenizer: str, workers: str) -> None:
 def peak_rss_mb() -> float:
     """This process's peak resident memory. VmHWM, where Linux has it: ru_maxrss would also count
     the parent's memory at the fork that started us."""
+    peak = vm_hwm_mb(Path("/proc/self/status"))
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def vm_hwm_mb(status: Path) -> float | None:
+    """The VmHWM of a /proc/PID/status file; None without /proc, or once the process has exited."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return None
 
 
 def main() -> None:
