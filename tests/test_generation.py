@@ -10,13 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from core.checkpoint import save_checkpoint
-from torch._dynamo.utils import counters
-
-from core.generation import (Sampling, TextStream, candidates, compile_decode_step, decode_step, fit_to_context,
-                             generate, sample_next, static_cache_length)
+from core.generation import (
+    Sampling,
+    TextStream,
+    candidates,
+    compile_decode_step,
+    decode_step,
+    fit_to_context,
+    generate,
+    sample_next,
+    static_cache_length,
+)
 from core.pretrained import load_model
 from core.tokenizer import get_tokenizer
 from model import GPT, GPTConfig, KVCache
