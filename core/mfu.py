@@ -49,19 +49,23 @@ def table_peak(device: torch.device, dtype: torch.dtype) -> float | None:
     return None
 
 
-def measured_peak(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.5) -> float:
+def measured_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
     """FLOP/s of a square matmul in `dtype` on `device`, timed here: the ceiling on a CPU, where no
-    table can know the cores, their vector units or their clocks."""
+    table can know the cores, their vector units or their clocks. The fastest of the calls made in
+    `seconds` (at least three): on a shared machine a burst of load elsewhere slows some calls, and an
+    average over them moved by almost 2x from run to run (76-137 GFLOP/s on a 2-core EPYC)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up: thread pools, kernel choice
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    fastest, calls, deadline = float("inf"), 0, time.perf_counter() + seconds
+    while calls < 3 or time.perf_counter() < deadline:
+        start = time.perf_counter()
         a @ b
-        runs += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * size**3 * runs / (time.perf_counter() - start)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        fastest = min(fastest, time.perf_counter() - start)
+        calls += 1
+    return 2 * size**3 / fastest
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, override: float = 0.0) -> float | None:
