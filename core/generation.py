@@ -112,7 +112,7 @@ def static_cache_length(positions: int, block_size: int) -> int:
     return min(block_size, max(64, 1 << (positions - 1).bit_length()))
 
 
-# Each model's static caches, by (rows, length): made once and reused, emptied (pos = 0) for each
+# Each model's static caches, by rows, length, dtype and device: made once and reused, emptied for each
 # generation. A compiled step guards on its cache tensors being the very same ones (a CUDA graph
 # bakes in their addresses), so a fresh cache for every generation would mean compiling again.
 _static_caches: weakref.WeakKeyDictionary[GPT, dict[tuple, KVCache]] = weakref.WeakKeyDictionary()
@@ -138,8 +138,8 @@ def cached_positions(prompt_length: int, max_new_tokens: int) -> int:
 
 
 def compile_decode_step(model: GPT, num_samples: int, prompt_length: int, max_new_tokens: int) -> float:
-    """Compile and warm up the decode step of such a generation, on a scratch cache; the seconds it
-    took (next to nothing once done for these shapes)."""
+    """Compile and warm up the decode step of such a generation, on the static cache it will use;
+    the seconds it took (next to nothing once done for these shapes)."""
     if max_new_tokens < 2:
         return 0.0  # no decode step: the first new token comes from the prompt's (eager) prefill
     start = time.perf_counter()
