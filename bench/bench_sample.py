@@ -29,7 +29,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
-from core.devices import resolve_device, resolve_dtype
+from core.devices import resolve_device, resolve_dtype, synchronize
 from core.generation import Sampling, compile_decode_step, generate, sample_next
 from core.hf import config_to_hf, state_dict_to_hf
 from core.matmul import linear
@@ -82,7 +82,7 @@ def decode_matmul_seconds(model: GPT, repeats: int = 20) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         step()
-        _synchronize(model.device)
+        synchronize(model.device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -99,14 +99,9 @@ def read_bandwidth(device: torch.device, nbytes: int = 2**29) -> float:
     for _ in range(6):
         start = time.perf_counter()
         buffer.sum()
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return nbytes / min(times[1:])
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def tokens_per_second(run: Callable[[], list[list[int]]], repeats: int) -> float:

@@ -33,6 +33,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device`: a GPU runs asynchronously, so a timer must wait for it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_dtype(name: str, device: torch.device, cpu_bfloat16: bool = False) -> torch.dtype:
     """`auto` is bfloat16 on GPUs with native support and float32 everywhere else (CPU kernels for
     bfloat16 are slow on most processors, and float16 needs loss scaling to train). With

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core.devices import synchronize
 from model import GPT, KVCache
 
 
@@ -150,8 +151,7 @@ def compile_decode_step(model: GPT, num_samples: int, prompt_length: int, max_ne
         decode_step(model, idx, cache)  # eagerly first: core/matmul.py times its choices outside the graph
         for _ in range(3):  # CUDA graphs are recorded on the second or third call
             step(model, idx, cache)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
+    synchronize(model.device)
     return time.perf_counter() - start
 
 

@@ -13,8 +13,9 @@ exactly what an uninterrupted single run would. So each answer is measured once 
 kept in the cache folder (`matmul.json`), under a lock so that concurrent processes (DDP ranks)
 measure each shape only once and all agree. Products that autograd differentiates always go through
 F.linear, whose backward is the well-trodden one; the training step's largest product, the output
-layer, comes here from core/cross_entropy.py, outside autograd. GPUs, and code being compiled, use
-F.linear: cuBLAS and inductor choose well on their own.
+layer, comes here from core/cross_entropy.py, outside autograd. GPUs use F.linear: cuBLAS chooses
+well on its own. Code being compiled cannot time anything, so it takes the choice the same product
+got when it last ran eagerly.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from core.devices import synchronize
 from model import GPT
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s: bfloat16, and float32 as TF32 (what float32 matmuls
@@ -61,8 +62,7 @@ def measured_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, se
     while calls < 3 or time.perf_counter() < deadline:
         start = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         fastest = min(fastest, time.perf_counter() - start)
         calls += 1
     return 2 * size**3 / fastest
