@@ -16,12 +16,17 @@ F.linear, whose backward is the well-trodden one; the training step's largest pr
 layer, comes here from core/cross_entropy.py, outside autograd. GPUs use F.linear: cuBLAS chooses
 well on its own. Code being compiled cannot time anything, so it takes the choice the same product
 got when it last ran eagerly.
+
+GPT2_TOOLKIT_MATMUL=linear (or =transposed) takes that formulation for every product and measures
+nothing: numbers that do not depend on this machine's timings, which is what the tests run with.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 from core.atomic import write_file_atomically
 from core.cache import cache_dir
 from core.devices import cpu_name
+from core.errors import UserError
 
 try:
     import fcntl
@@ -66,14 +72,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         # product got when it last ran eagerly (in the same thread count and autocast), else F.linear.
         transposed = _last_choice.get(shape, False)
     else:
-        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-        key = (*shape, autocast, torch.get_num_threads())
-        transposed = _decisions.get(key)  # a tuple: this runs at every product, so no string, no file
-        if transposed is None:
-            transposed = _decisions[key] = _decide(_file_key(*key), x2d[:MEASURED_ROWS], weight, bias)
-        _last_choice[shape] = transposed
+        transposed = _last_choice[shape] = _choose(shape, x2d, weight, bias)
     y = linear_transposed(x2d, weight, bias) if transposed else F.linear(x2d, weight, bias)
     return y.reshape(*x.shape[:-1], y.size(-1))
+
+
+@functools.cache
+def forced_choice() -> bool | None:
+    """GPT2_TOOLKIT_MATMUL's answer for every product (True: transposed), or None: measure each."""
+    setting = os.environ.get("GPT2_TOOLKIT_MATMUL", "measure")
+    choices = {"measure": None, "linear": False, "transposed": True}
+    if setting not in choices:
+        raise UserError(f"GPT2_TOOLKIT_MATMUL={setting!r}: choose measure, linear or transposed")
+    return choices[setting]
+
+
+def _choose(shape: tuple, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether this product runs transposed: as GPT2_TOOLKIT_MATMUL says, else as measured here."""
+    forced = forced_choice()
+    if forced is not None:
+        return forced
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    key = (*shape, autocast, torch.get_num_threads())
+    transposed = _decisions.get(key)  # a tuple: this runs at every product, so no string, no file
+    if transposed is None:
+        transposed = _decisions[key] = _decide(_file_key(*key), x2d[:MEASURED_ROWS], weight, bias)
+    return transposed
 
 
 def linear_transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""core/matmul.py: whichever formulation the measurement picks, `linear` is F.linear."""
+"""core/matmul.py: whichever formulation the measurement (or GPT2_TOOLKIT_MATMUL) picks, `linear` is
+F.linear. The rest of the suite runs with GPT2_TOOLKIT_MATMUL=linear (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from core import matmul
+from core.errors import UserError
 
 
 def force_choice(monkeypatch: pytest.MonkeyPatch, transposed: bool, cache: Path) -> list[tuple]:
@@ -17,6 +19,7 @@ def force_choice(monkeypatch: pytest.MonkeyPatch, transposed: bool, cache: Path)
     measurement, as they come."""
     measured: list[tuple] = []
     monkeypatch.setenv("GPT2_TOOLKIT_CACHE", str(cache))
+    monkeypatch.setattr(matmul, "forced_choice", lambda: None)  # measure, as outside the tests
     monkeypatch.setattr(matmul, "_decisions", {})
     monkeypatch.setattr(matmul, "transposed_is_faster", lambda *operands: measured.append(operands) or transposed)
     return measured
@@ -60,6 +63,29 @@ def test_each_shape_is_measured_once(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     for rows in (3, 3, 40, 50, 64, 3000, 5000):  # size classes: 3, then 64 (three times), then 128 (twice)
         matmul.linear(torch.randn(rows, 32), weight)
     assert [operands[0].shape[0] for operands in measured] == [3, 40, 128]  # timed on at most 128 rows
+
+
+@pytest.mark.parametrize("setting, transposed", [("linear", False), ("transposed", True)])
+def test_the_setting_takes_one_formulation_and_measures_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                setting: str, transposed: bool) -> None:
+    monkeypatch.setenv("GPT2_TOOLKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("GPT2_TOOLKIT_MATMUL", setting)
+    monkeypatch.setattr(matmul, "transposed_is_faster", lambda *operands: pytest.fail("measured"))
+    taken = []
+    monkeypatch.setattr(matmul, "linear_transposed", lambda *operands: taken.append(1) or F.linear(*operands))
+    matmul.forced_choice.cache_clear()
+    try:
+        x, weight = torch.randn(4, 32), torch.randn(64, 32)
+        torch.testing.assert_close(matmul.linear(x, weight), F.linear(x, weight), rtol=0, atol=1e-5)
+        assert bool(taken) is transposed
+        assert not (tmp_path / matmul.DECISIONS_FILE).exists()
+        monkeypatch.setenv("GPT2_TOOLKIT_MATMUL", "fastest")
+        matmul.forced_choice.cache_clear()
+        with pytest.raises(UserError, match="GPT2_TOOLKIT_MATMUL='fastest': choose measure, linear or transposed"):
+            matmul.linear(x, weight)
+    finally:
+        monkeypatch.undo()
+        matmul.forced_choice.cache_clear()
 
 
 def test_the_real_measurement_leaves_the_result_alone() -> None:
