@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from core.checkpoint import save_checkpoint
 from core.config import FinetuneConfig, config_from_argv, to_toml
-from core.devices import resolve_dtype
+from core.devices import dtype_name, resolve_dtype
 from core.distributed import Distributed, close_distributed, init_distributed
 from core.errors import UserError, exit_on_user_error
 from core.evaluation import evaluate, gather_results, summarize
@@ -140,7 +140,7 @@ class Finetuner:
 
     def _report_setup(self, num_params: int) -> None:
         config = self.config
-        resolved = {**config.to_dict(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+        resolved = {**config.to_dict(), "device": str(self.device), "dtype": dtype_name(self.dtype)}
         if self.is_main:
             (self.log_dir / "config.toml").write_text(to_toml(resolved))
         self.log.print(to_toml(resolved).rstrip())

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from core.devices import resolve_dtype
+from core.devices import dtype_name, resolve_dtype
 from core.distributed import close_distributed, init_distributed
 from core.errors import exit_on_user_error
 from core.evaluation import (
@@ -58,7 +58,8 @@ def main() -> None:
             summary = summarize(results)
             if args.output:
                 write_results(results, args.output)
-            print(json.dumps({"model": args.model, **summary, "seconds": round(elapsed, 2),
+            print(json.dumps({"model": args.model, "device": str(model.device), "dtype": dtype_name(model.dtype),
+                              **summary, "seconds": round(elapsed, 2),
                               "examples_per_second": round(summary["n"] / elapsed, 2)}))
     finally:
         close_distributed()

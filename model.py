@@ -308,6 +308,10 @@ class GPT(nn.Module):
     def device(self) -> torch.device:
         return self.transformer.wte.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
     @contextmanager
     def evaluating(self) -> Iterator[GPT]:
         """Eval mode (no dropout) for the duration, then back to the mode the caller had: what

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from core.devices import resolve_device, resolve_dtype
+from core.devices import dtype_name, resolve_device, resolve_dtype
 from core.errors import UserError, exit_on_user_error
 from core.generation import Sampling, TextStream, compile_decode_step, fit_to_context, stream_tokens
 from core.pretrained import add_model_arguments, load_model_and_tokenizer
@@ -120,15 +120,16 @@ def run_prompt(text: str, model: GPT, encoding: Tokenizer, sampling: Sampling, a
     elapsed = time.perf_counter() - start
     if args.json:
         samples = [{"text": encoding.decode(row), "tokens": row} for row in rows]
-        print(json.dumps({"model": args.model, "prompt": encoding.decode(prompt), "prompt_tokens": prompt,
-                          "samples": samples}, ensure_ascii=False))
+        print(json.dumps({"model": args.model, "device": str(model.device), "dtype": dtype_name(model.dtype),
+                          "prompt": encoding.decode(prompt), "prompt_tokens": prompt, "samples": samples},
+                         ensure_ascii=False))
         return
     print(stream.flush())
     for row in rows[1:]:
         print("> " + encoding.decode(prompt + row))
     new_tokens = sum(len(row) for row in rows)
-    print(f"[{new_tokens} new tokens in {elapsed:.2f}s: {new_tokens / max(elapsed, 1e-9):.1f} tokens/s]",
-          file=sys.stderr)
+    print(f"[{new_tokens} new tokens in {elapsed:.2f}s: {new_tokens / max(elapsed, 1e-9):.1f} tokens/s, "
+          f"{dtype_name(model.dtype)} on {model.device}]", file=sys.stderr)
 
 
 def interactive(model: GPT, encoding: Tokenizer, sampling: Sampling, args: argparse.Namespace,

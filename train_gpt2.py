@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from core.checkpoint import save_checkpoint
 from core.config import TrainConfig, config_from_argv, grad_accum_steps, to_toml
 from core.data import TokenLoader, ValSet, shard_tokenizer
-from core.devices import resolve_dtype
+from core.devices import dtype_name, resolve_dtype
 from core.distributed import Distributed, close_distributed, init_distributed
 from core.errors import UserError, exit_on_user_error
 from core.evaluation import Example, evaluate, gather_results, hellaswag_file_on_every_rank, read_hellaswag, summarize
@@ -230,7 +230,7 @@ class Trainer:
 
     def _report_setup(self) -> None:
         config, model = self.config, self.raw_model
-        resolved = {**config.to_dict(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+        resolved = {**config.to_dict(), "device": str(self.device), "dtype": dtype_name(self.dtype),
                     "compile": self.compile}
         if self.is_main:
             (self.log_dir / "config.toml").write_text(to_toml(resolved))

@@ -57,6 +57,11 @@ def resolve_dtype(name: str, device: torch.device, cpu_bfloat16: bool = False) -
     return DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: the spelling of --dtype, for reports and config.toml."""
+    return str(dtype).removeprefix("torch.")
+
+
 # /proc/cpuinfo flags of bfloat16 arithmetic in hardware: a bfloat16 matmul runs at several times the
 # float32 rate with them (798 against 241 GFLOP/s on a 2-core Sapphire Rapids), at ~1% of it without.
 NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
