@@ -79,6 +79,19 @@ def measure(step: Callable[[torch.Tensor], float], batches: list[torch.Tensor], 
     return warmup_seconds, statistics.median(times)
 
 
+def fast_enough(dtype_name: str, peak: float, shape: dict, batch: int, seq_len: int, max_seconds: float) -> bool:
+    """Whether a training step in this dtype could finish within `max_seconds`, judged at the dtype's
+    measured matmul peak: a lower bound on the step's time. It rules out, say, bfloat16 on a CPU without
+    bfloat16 units, whose matmuls run at ~1% of float32's rate; it says so when it does."""
+    with torch.device("meta"):  # the shape alone, for its FLOPs
+        step_flops = flops_per_token(GPT(GPTConfig(**shape, vocab_multiple=64)), seq_len) * batch * seq_len
+    if step_flops / peak <= max_seconds:
+        return True
+    print(f"  {dtype_name} skipped: at its matmul peak here ({peak / 1e9:.1f} GFLOP/s) a training step would take "
+          f"{step_flops / peak:.1f} s at least, over --max-step-seconds {max_seconds:g}")
+    return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="small,124m")
@@ -86,22 +99,23 @@ def main() -> None:
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run (default: 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, compilation included (default: 2)")
+    parser.add_argument("--max-step-seconds", type=float, default=60.0,
+                        help="skip a dtype whose step would take longer than this at its measured matmul peak "
+                             "(default: 60)")
     args = parser.parse_args()
     print(describe_hardware())
     peaks = {name: measured_peak(torch.device("cpu"), DTYPES[name], seconds=2.0) for name in args.dtypes.split(",")}
     print("matmul peak measured here: " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
-    dtypes = [name for name in peaks if peaks[name] >= 0.25 * max(peaks.values())]
-    for name in sorted(set(peaks) - set(dtypes)):  # e.g. bfloat16 on a CPU without AVX-512 BF16 or AMX
-        print(f"{name} skipped: its matmuls run at {peaks[name] / max(peaks.values()):.1%} of the fastest dtype's "
-              "here (no native support), so a training step would take hours")
     for config_name in args.configs.split(","):
         shape, batch, seq_len = CONFIGS[config_name]
+        print(f"\n{config_name}: {shape}, batch {batch} x {seq_len}; median of {args.steps} steps after {args.warmup}")
+        dtypes = [name for name, peak in peaks.items()
+                  if fast_enough(name, peak, shape, batch, seq_len, args.max_step_seconds)]
         generator = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, 50257, (batch, seq_len + 1), generator=generator)
                    for _ in range(args.warmup + args.steps)]
         tokens_per_step = batch * seq_len
         best: dict[str, tuple[float, str]] = {}
-        print(f"\n{config_name}: {shape}, batch {batch} x {seq_len}; median of {args.steps} steps after {args.warmup}")
         for dtype_name in dtypes:
             for mode in args.modes.split(","):
                 for impl in ("ours", "HF"):
@@ -116,6 +130,8 @@ def main() -> None:
                           f"(warm-up incl. compile {warmup_seconds:6.1f} s)", flush=True)
                     if tps > best.get(impl, (0.0, ""))[0]:
                         best[impl] = (tps, label)
+        if not best:
+            continue
         goal = 1.5 if config_name == "small" else 1.2
         print(f"  best ours ({best['ours'][1]}) / best HF ({best['HF'][1]}) = "
               f"{best['ours'][0] / best['HF'][0]:.2f}x (goal {goal}x)")
