@@ -3,8 +3,9 @@
     python bench/bench_fineweb.py                  # a 24 MB corpus, 2 workers, 3 rounds
     python bench/bench_fineweb.py --size-mb 200 --workers 4
 
-It builds a JSONL corpus of at least --size-mb MB by repeating the shared texts (../shared/data/text:
-the FineWeb-Edu documents, and tiny Shakespeare in ~4 KB documents), then alternates, round by round,
+It builds a JSONL corpus of at least --size-mb MB by repeating the texts that ship with the
+repository (the FineWeb-Edu documents in tests/data/text, and tiny Shakespeare in ~4 KB documents),
+then alternates, round by round,
   - the ceiling: tiktoken's `encode_ordinary_batch(texts, num_threads=W)` on the same documents,
     already in memory, results thrown away;
   - fineweb.py: `main()` in a fresh child process with --workers W: reading the JSONL, tokenizing,
@@ -32,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.tokenizer import get_tokenizer  # noqa: E402
+from tests.data_paths import FINEWEB_DOCS, SHAKESPEARE  # noqa: E402
 
-SHARED_TEXT = ROOT.parent / "shared" / "data" / "text"
 SHAKESPEARE_DOC_CHARS = 4000
 CEILING_BATCH_DOCS = 1000  # encode_ordinary_batch returns lists of ints: keep them few at a time
 GOAL_RATIO = 0.85
@@ -43,10 +44,10 @@ GOAL_RSS_MB = 100
 
 def build_corpus(path: Path, size_mb: float) -> list[str]:
     """Write the corpus as JSONL and return its documents."""
-    fineweb = [json.loads(line)["text"] for line in (SHARED_TEXT / "fineweb_edu_150docs.jsonl").open()]
+    fineweb = [json.loads(line)["text"] for line in FINEWEB_DOCS.open()]
     shakespeare = []
     chunk = ""
-    for paragraph in (SHARED_TEXT / "tinyshakespeare.txt").read_text().split("\n\n"):
+    for paragraph in SHAKESPEARE.read_text().split("\n\n"):
         chunk = f"{chunk}\n\n{paragraph}" if chunk else paragraph
         if len(chunk) >= SHAKESPEARE_DOC_CHARS:
             shakespeare.append(chunk)
@@ -140,9 +141,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")
     parser.add_argument("--tokenizer", default="gpt2", help="(default: %(default)s)")
     args = parser.parse_args()
-    if not SHARED_TEXT.is_dir():
-        sys.exit(f"shared texts not found at {SHARED_TEXT}")
-
     from bench.hardware import describe_hardware  # here, not at the top: it imports torch, which the child must not
 
     print(f"hardware: {describe_hardware()}, tiktoken {version('tiktoken')}, numpy {version('numpy')}")

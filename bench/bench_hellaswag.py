@@ -2,8 +2,8 @@
 
     python bench/bench_hellaswag.py [--limit 1000] [--batch-size 16] [--device cpu]
 
-The GPT-2 124M config with random weights, on the 1000 shared HellaSwag examples
-(../shared/data/hellaswag/hellaswag_val_1000.jsonl): our scorer in float32 and in bfloat16,
+The GPT-2 124M config with random weights, on the 1000 HellaSwag examples that ship with the
+repository (tests/data/hellaswag/hellaswag_val_1000.jsonl): our scorer in float32 and in bfloat16,
 and the plain reference (tests/hellaswag_reference.py: one example per forward pass, build-nanogpt's
 method) in float32 on the same weights, in the same run. Float32 predictions must be identical.
 """
@@ -24,9 +24,8 @@ from core.devices import resolve_device
 from core.evaluation import evaluate, read_hellaswag
 from core.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
+from tests.data_paths import HELLASWAG
 from tests.hellaswag_reference import reference_scores
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hellaswag" / "hellaswag_val_1000.jsonl"
 
 
 def timed(run: Callable[[], object]) -> tuple[object, float]:
@@ -37,7 +36,7 @@ def timed(run: Callable[[], object]) -> tuple[object, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, default=HELLASWAG)
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")

@@ -1,10 +1,10 @@
-"""Shared fixtures: the real data beside the checkout, small models, and an environment that is the
+"""Shared fixtures: the licensed Story Cloze data beside the checkout, and an environment that is the
 same on every machine.
 
 Whatever the caller's shell holds, tests see no proxy settings, no HF_* or *_OFFLINE settings, no
-torchrun variables, caches in a temporary folder, and no network but loopback, in this process and in
-every subprocess a test starts. This happens at import, before transformers or huggingface_hub read
-their settings, and the autouse fixture restores it after every test.
+torchrun variables, caches in a temporary folder, one fixed matmul formulation, and no network but
+loopback, in this process and in every subprocess a test starts. This happens at import, before
+transformers or huggingface_hub read their settings, and the autouse fixture restores it after every test.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-SHARED_DATA_MISSING = f"shared test data not found at {SHARED_DATA}"
+from tests.data_paths import STORY_CLOZE  # paths only: nothing that reads the environment
+
+STORY_CLOZE_MISSING = (f"the real Story Cloze CSVs (research use, not in the repository) are not at {STORY_CLOZE}: "
+                       "put the shared data beside the checkout to run these tests")
 NETWORK_GUARD = Path(__file__).resolve().parent / "network_guard"
 
 _PROXIES = {"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "FTP_PROXY", "WS_PROXY", "WSS_PROXY"}
@@ -38,7 +39,10 @@ for _name in [name for name in os.environ if _caller_setting(name)]:
     del os.environ[_name]
 _CACHES = Path(tempfile.mkdtemp(prefix="gpt2-toolkit-tests-"))
 os.environ.update(HF_HOME=str(_CACHES / "huggingface"), GPT2_TOOLKIT_CACHE=str(_CACHES / "gpt2-toolkit"),
-                  TIKTOKEN_CACHE_DIR=str(_CACHES / "tiktoken"))
+                  TIKTOKEN_CACHE_DIR=str(_CACHES / "tiktoken"),
+                  # core/matmul.py takes F.linear for every product instead of timing both formulations, so
+                  # that no result depends on this machine's speed; tests/test_matmul.py covers the rest.
+                  GPT2_TOOLKIT_MATMUL="linear")
 # Subprocesses load network_guard/sitecustomize.py at startup; this process imports it now.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(NETWORK_GUARD), *filter(None, [os.environ.get("PYTHONPATH")])])
 _guard_spec = importlib.util.spec_from_file_location("_network_guard", NETWORK_GUARD / "sitecustomize.py")
@@ -56,11 +60,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     skipped = [report for report in terminalreporter.stats.get("skipped", [])
-               if SHARED_DATA_MISSING in str(report.longrepr)]
+               if STORY_CLOZE_MISSING in str(report.longrepr)]
     if skipped:
-        terminalreporter.write_line(f"{len(skipped)} tests skipped: {SHARED_DATA_MISSING} (put the shared data "
-                                    "beside the checkout to run them; with CI=true they fail instead)",
-                                    yellow=True, bold=True)
+        terminalreporter.write_line(f"{len(skipped)} tests skipped: {STORY_CLOZE_MISSING} (with CI=true they fail "
+                                    "instead)", yellow=True, bold=True)
 
 
 @pytest.fixture(autouse=True)
@@ -83,13 +86,14 @@ def _restore_environment() -> None:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """`../shared/data`: required in CI (CI=true), skipped with a reason elsewhere."""
-    if not SHARED_DATA.is_dir():
+def story_cloze() -> Path:
+    """The folder of the real Story Cloze 2016 CSVs: required in CI (CI=true), skipped with a reason
+    elsewhere. Every other test's data is in the repository (tests/data_paths.py)."""
+    if not STORY_CLOZE.is_dir():
         if os.environ.get("CI") == "true":
-            pytest.fail(SHARED_DATA_MISSING)
-        pytest.skip(SHARED_DATA_MISSING)
-    return SHARED_DATA
+            pytest.fail(STORY_CLOZE_MISSING)
+        pytest.skip(STORY_CLOZE_MISSING)
+    return STORY_CLOZE
 
 
 @pytest.fixture

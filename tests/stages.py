@@ -1,4 +1,5 @@
-"""Stage scripts run in the test's own process: a subprocess would spend seconds importing torch."""
+"""Running stage scripts from tests: in the test's own process where possible (a subprocess spends
+seconds importing torch), and in a subprocess under a hang guard where a test needs one."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import sys
 import pytest
 
 from core.errors import exit_on_user_error
+
+# The timeout of every subprocess a test starts: it only ends a hang, so it is no speed limit (a busy
+# machine, or a slow CPU kind, must not fail a test by being slow).
+HANG_GUARD_SECONDS = 1800
 
 
 def run_stage(script: str, args: list[str], monkeypatch: pytest.MonkeyPatch,

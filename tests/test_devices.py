@@ -1,13 +1,25 @@
-"""core/devices.py: what --device and --dtype resolve to, and clear errors for what this machine lacks."""
+"""core/devices.py: what --device and --dtype resolve to, in each stage and on each kind of CPU, and clear
+errors for what this machine lacks."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
+import train_gpt2
 from core import devices
+from core.checkpoint import save_checkpoint
+from core.config import read_toml
 from core.devices import resolve_device, resolve_dtype
 from core.errors import UserError
+from core.shards import shard_path, write_shard
+from model import GPT, GPTConfig
+from tests.data_paths import HELLASWAG
+from tests.stages import run_stage
 
 
 def test_auto_on_a_cpu_machine_is_cpu_and_float32(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,3 +77,31 @@ def test_cpuinfo_fields_are_read_from_the_real_file() -> None:
     name = devices.cpu_name()
     assert name and "\n" not in name
     assert isinstance(devices.cpu_has_native_bfloat16(), bool)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["float32-only-cpu", "native-bfloat16-cpu"])
+def test_what_dtype_auto_picks_in_each_stage(native: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """Forced either way, whatever this machine's CPU has: sample.py takes bfloat16 on a CPU with bfloat16
+    units, hellaswag.py and train_gpt2.py keep float32 on every CPU."""
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: native)
+    checkpoint = tmp_path / "model"
+    save_checkpoint(checkpoint, GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)), "gpt2")
+    on_cpu = ["--device", "cpu", "--dtype", "auto"]
+    status, out, err = run_stage("sample", ["-m", str(checkpoint), *on_cpu, "--json", "--max-new-tokens", "2", "Hi"],
+                                 monkeypatch, capsys)
+    assert status == 0, err
+    assert json.loads(out)["dtype"] == ("bfloat16" if native else "float32")
+    status, out, err = run_stage("hellaswag", ["-m", str(checkpoint), *on_cpu, "--data", str(HELLASWAG), "--limit",
+                                               "2", "--no-progress"], monkeypatch, capsys)
+    assert status == 0, err
+    assert json.loads(out)["dtype"] == "float32"
+    data = tmp_path / "shards"
+    data.mkdir()
+    write_shard(shard_path(data, "random", "train", 0), np.random.default_rng(0).integers(0, 50257, 2000), "gpt2",
+                50257)
+    train_gpt2.main(["--data-dir", str(data), "--log-dir", str(tmp_path / "log"), *on_cpu, "--n-layer", "1",
+                     "--n-head", "2", "--n-embd", "16", "--block-size", "32", "--seq-len", "32", "--micro-batch-size",
+                     "2", "--total-batch-size", "64", "--max-steps", "1", "--val-tokens", "0", "--hellaswag-examples",
+                     "0", "--num-samples", "0", "--progress", "false"])
+    assert read_toml(tmp_path / "log" / "config.toml")["dtype"] == "float32"

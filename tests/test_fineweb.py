@@ -24,6 +24,8 @@ import fineweb
 from core.errors import UserError
 from core.shards import list_shards, open_shard, read_shard_info
 from core.tokenizer import get_tokenizer
+from tests.data_paths import FINEWEB_DOCS, SHAKESPEARE
+from tests.stages import HANG_GUARD_SECONDS
 
 FINEWEB = Path(fineweb.__file__)
 # fineweb.main in a process that dies, as `kill -9` would, once the shard named by argv[1] holds tokens
@@ -55,8 +57,8 @@ CHINESE = [
 
 
 @pytest.fixture
-def fineweb_jsonl(shared_data: Path) -> Path:
-    return shared_data / "text" / "fineweb_edu_150docs.jsonl"
+def fineweb_jsonl() -> Path:
+    return FINEWEB_DOCS
 
 
 @pytest.fixture
@@ -99,8 +101,8 @@ def test_fineweb_jsonl_decodes_to_the_source_with_whole_documents_in_val(tmp_pat
     assert manifest["complete"] and manifest["resume"]["documents"] == {"val": n_val, "train": 150 - n_val}
 
 
-def test_tinyshakespeare_is_one_document_or_one_per_paragraph(tmp_path: Path, shared_data: Path) -> None:
-    source = shared_data / "text" / "tinyshakespeare.txt"
+def test_tinyshakespeare_is_one_document_or_one_per_paragraph(tmp_path: Path) -> None:
+    source = SHAKESPEARE
     text = source.read_text()
     build("--input", source, "--out", tmp_path / "whole", "--val-tokens", 0)
     assert not list((tmp_path / "whole").glob("*_val_*"))
@@ -113,10 +115,10 @@ def test_tinyshakespeare_is_one_document_or_one_per_paragraph(tmp_path: Path, sh
     assert decoded == "".join(EOT + paragraph for paragraph in paragraphs)
 
 
-def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path: Path, shared_data: Path, fineweb_jsonl: Path,
+def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path: Path, fineweb_jsonl: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fineweb, "BATCH_CHARS", 5000)  # many batches in flight, so order really is at stake
-    inputs = [fineweb_jsonl, shared_data / "text" / "tinyshakespeare.txt"]
+    inputs = [fineweb_jsonl, SHAKESPEARE]
     for workers in (1, 2):
         build("--input", *inputs, "--txt-paragraphs", "--out", tmp_path / str(workers), "--workers", workers,
               "--shard-size", 50000, "--val-tokens", 20000, "--shuffle-seed", 3, "--shuffle-window", 100)
@@ -137,7 +139,7 @@ def test_tokenize_in_order_keeps_document_order(monkeypatch: pytest.MonkeyPatch,
         """Every even batch waits until the odd one after it is done, so batches surely finish out of order."""
         i = number[id(texts[0])]
         if i % 2 == 0 and i + 1 < len(docs):
-            done[i + 1].wait(timeout=60)
+            done[i + 1].wait(timeout=HANG_GUARD_SECONDS)
         result = encode_batch(encoding, texts)
         finished.append(i)
         done[i].set()
@@ -328,7 +330,7 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
 
 def run_script(*args: object, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(FINEWEB), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+                          capture_output=True, text=True, timeout=HANG_GUARD_SECONDS, check=False)
 
 
 @pytest.mark.parametrize(("setting", "message"), [
@@ -407,7 +409,8 @@ def test_a_writer_killed_mid_shard_leaves_nothing_readable_and_the_rerun_complet
 
     out = tmp_path / "out"
     killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, killed_shard, *map(str, args), "--out", str(out)],
-                            cwd=FINEWEB.parent, capture_output=True, text=True, timeout=120, check=False)
+                            cwd=FINEWEB.parent, capture_output=True, text=True,
+                            timeout=HANG_GUARD_SECONDS, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (out / killed_shard).exists()
     leftovers = [path for path in out.iterdir() if path.name != "edufineweb_manifest.json"]

@@ -13,6 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from core import matmul
 from core.checkpoint import save_checkpoint
 from core.generation import (
     Sampling,
@@ -28,6 +29,7 @@ from core.generation import (
 from core.pretrained import load_model
 from core.tokenizer import get_tokenizer
 from model import GPT, GPTConfig, KVCache
+from tests.stages import HANG_GUARD_SECONDS
 from tests.weights import redraw_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +52,11 @@ def recomputed_greedy(model: GPT, prompt: list[int], new_tokens: int) -> list[in
     return sequence[len(prompt):]
 
 
-def test_greedy_with_cache_equals_argmax_of_full_recomputation() -> None:
+@pytest.mark.parametrize("transposed", [False, True], ids=["F.linear", "transposed"])
+def test_greedy_with_cache_equals_argmax_of_full_recomputation(transposed: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each of core/matmul.py's formulations for every product (the suite runs F.linear alone otherwise).
+    monkeypatch.setattr(matmul, "forced_choice", lambda: transposed)
     model = small_model()
     prompt = [5, 17, 42, 3]
     generated = generate(model, prompt, num_samples=2, max_new_tokens=30, sampling=Sampling(greedy=True))
@@ -256,9 +262,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_sample(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    # --device cpu: with auto, a GPU box would sample on CUDA, in bfloat16 on Ampere and later.
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args, "--device", "cpu"], input=stdin,
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    # The device and dtype pinned: with auto, a GPU box would sample on CUDA, and a CPU with bfloat16
+    # units in bfloat16, while the references here are float32 on the CPU.
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args, "--device", "cpu", "--dtype", "float32"],
+                          input=stdin, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS, cwd=ROOT)
 
 
 def test_sample_json_is_reproducible_and_decodes(checkpoint: Path) -> None:

@@ -186,7 +186,7 @@ def test_sample_and_hellaswag_accept_a_gpt1_folder(hf_gpt1_folder: Path, tmp_pat
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
     tokenizer = GPT1Tokenizer.from_folder(hf_gpt1_folder)
-    model = ["-m", str(hf_gpt1_folder), "--device", "cpu"]
+    model = ["-m", str(hf_gpt1_folder), "--device", "cpu", "--dtype", "float32"]
     status, out, err = run_stage("sample", [*model, "--json", "-n", "2", "--max-new-tokens", "5", "The story"],
                                  monkeypatch, capsys)
     assert status == 0, err

@@ -23,7 +23,9 @@ from core.hf import export_hf
 from core.pretrained import load_model
 from core.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
+from tests.data_paths import HELLASWAG
 from tests.hellaswag_reference import reference_scores
+from tests.stages import HANG_GUARD_SECONDS
 from tests.weights import redraw_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +40,8 @@ def random_model(vocab_size: int, block_size: int = 256) -> GPT:
 
 
 @pytest.fixture(scope="module")
-def hellaswag_path(shared_data: Path) -> Path:
-    return shared_data / "hellaswag" / "hellaswag_val_1000.jsonl"
+def hellaswag_path() -> Path:
+    return HELLASWAG
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +136,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run(command: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "GPT2_TOOLKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", **env}
-    # --device cpu: with auto, a GPU box would run these on CUDA (and torchrun's rank 1 on a GPU it may lack).
-    return subprocess.run([*command, "--device", "cpu"], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=env)
+    # The device and dtype pinned: with auto, a GPU box would run these on CUDA (and torchrun's rank 1 on a GPU
+    # it may lack).
+    return subprocess.run([*command, "--device", "cpu", "--dtype", "float32"], capture_output=True, text=True,
+                          timeout=HANG_GUARD_SECONDS, cwd=ROOT, env=env)
 
 
 def test_two_ranks_give_the_same_totals_as_one(checkpoint: Path, hellaswag_path: Path, tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ from core.checkpoint import load_checkpoint, save_checkpoint
 from core.errors import UserError
 from core.pretrained import load_model
 from model import GPT, GPTConfig, KVCache
+from tests.data_paths import HF_TINY_GPT2
+from tests.stages import HANG_GUARD_SECONDS
 from tests.weights import redraw_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +73,8 @@ GOLDEN_LOGITS_TOLERANCE = 5e-7
 GOLDEN_HIDDEN_TOLERANCE = 4e-6
 
 
-def test_golden_logits_and_hidden_states_of_shared_tiny_model(shared_data: Path) -> None:
-    folder = shared_data / "hf_tiny_gpt2"
+def test_golden_logits_and_hidden_states_of_shared_tiny_model() -> None:
+    folder = HF_TINY_GPT2
     golden = json.loads((folder / "golden.json").read_text())
     model, tokenizer = load_model(str(folder))
     assert model.config.n_inner == 64 and model.config.mlp_width == 64
@@ -92,9 +94,9 @@ def test_golden_logits_and_hidden_states_of_shared_tiny_model(shared_data: Path)
     assert tokenizer == "gpt2"
 
 
-def test_from_pretrained_gives_the_golden_logits(shared_data: Path) -> None:
-    golden = json.loads((shared_data / "hf_tiny_gpt2" / "golden.json").read_text())
-    model = GPT.from_pretrained(str(shared_data / "hf_tiny_gpt2"))
+def test_from_pretrained_gives_the_golden_logits() -> None:
+    golden = json.loads((HF_TINY_GPT2 / "golden.json").read_text())
+    model = GPT.from_pretrained(str(HF_TINY_GPT2))
     assert not model.training
     logits, _ = model(torch.tensor([golden["input_ids"]]))
     expected = torch.tensor(golden["logits"]).view(golden["logits_shape"])
@@ -109,7 +111,7 @@ def test_from_pretrained_with_a_mistyped_path_fails_in_one_line(tmp_path: Path,
         GPT.from_pretrained("log/modle_19072")
     assert "\n" not in str(raised.value)
     result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "-m", "log/modle_19072", "--device", "cpu"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert result.returncode == 2
     expected = "sample.py: error: 'log/modle_19072': no such checkpoint file or folder"
     assert result.stderr.strip().splitlines() == [expected]
@@ -300,10 +302,10 @@ def test_export_cli_writes_a_folder_hf_loads(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "ckpt", GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2,
                                                      n_embd=16)), tokenizer="gpt2")
     command = [sys.executable, str(ROOT / "export_hf.py"), str(tmp_path / "ckpt"), str(tmp_path / "out")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert result.returncode == 0, result.stderr
     assert GPT2LMHeadModel.from_pretrained(tmp_path / "out").config.n_positions == 16
-    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert again.returncode == 2 and "not empty; pass --force" in again.stderr
 
 

@@ -1,12 +1,13 @@
 """Multiple-choice fine-tuning (core/multiple_choice.py, finetune_mc.py): the head and the joint loss
 against HF's OpenAIGPTDoubleHeadsModel and GPT2DoubleHeadsModel, padding, markers, the Story Cloze
-reader's refusals, and short fine-tuning runs on the real Story Cloze data."""
+reader on the real data and its refusals, and short fine-tuning runs on files of Story Cloze's format."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -144,8 +145,8 @@ def test_linear_schedule_warms_up_then_decays_to_zero() -> None:
 
 # --- data ---------------------------------------------------------------------------------------------
 
-def test_story_cloze_reader_and_the_papers_split(shared_data: Path) -> None:
-    questions = read_questions(shared_data / "storycloze" / "cloze_test_val_spring2016.csv")
+def test_story_cloze_reader_and_the_papers_split(story_cloze: Path) -> None:
+    questions = read_questions(story_cloze / "cloze_test_val_spring2016.csv")
     assert len(questions) == 1871
     first = questions[0]
     assert first.context.startswith("Rick grew up in a troubled household. He never found good support")
@@ -207,23 +208,41 @@ def read_records(log_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def story_cloze_args(shared_data: Path, log_dir: Path, init_from: Path, **settings: object) -> list[str]:
-    folder = shared_data / "storycloze"
-    args = ["--train-data", str(folder / "cloze_test_val_spring2016.csv"),
-            "--test-data", str(folder / "cloze_test_test_spring2016.csv"), "--init-from", str(init_from),
-            "--log-dir", str(log_dir), "--device", "cpu", "--progress", "false"]
+def write_stories(path: Path, count: int, seed: int) -> Path:
+    """A CSV of Story Cloze's format: `count` four-sentence stories whose right ending names the thing the
+    story is about, and whose wrong one names another; the right ending is first or second at random."""
+    generator = random.Random(seed)
+    names, things = ["Tom", "Ann", "Raj", "Mia", "Leo", "Zoe", "Sam", "Ivy"], ["kite", "cake", "book", "bike", "hat"]
+    rows = [HEADER]
+    for n in range(count):
+        name, thing, other = generator.choice(names), *generator.sample(things, 2)
+        right, wrong = f"{name} loved the new {thing}.", f"{name} threw the {other} away."
+        answer = generator.choice([1, 2])
+        endings = (right, wrong) if answer == 1 else (wrong, right)
+        rows.append(f"story{n},{name} wanted a {thing}.,{name} saved money for weeks.,{name} went to the shop.,"
+                    f"The shop had one {thing} left.,{endings[0]},{endings[1]},{answer}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def story_cloze_args(folder: Path, log_dir: Path, init_from: Path, train_stories: int, test_stories: int,
+                     **settings: object) -> list[str]:
+    train = write_stories(folder / "train.csv", train_stories, seed=1)
+    test = write_stories(folder / "test.csv", test_stories, seed=2)
+    args = ["--train-data", str(train), "--test-data", str(test), "--init-from", str(init_from),
+            "--log-dir", str(log_dir), "--device", "cpu", "--dtype", "float32", "--progress", "false"]
     for key, value in settings.items():
         args += ["--" + key.replace("_", "-"), str(value)]
     return args
 
 
-def test_finetuning_a_small_gpt2_learns_story_cloze(shared_data: Path, tmp_path: Path,
+def test_finetuning_a_small_gpt2_learns_story_cloze(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture) -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
     save_checkpoint(tmp_path / "pretrained", model, "gpt2")
-    args = story_cloze_args(shared_data, tmp_path / "log", tmp_path / "pretrained", max_train_examples=120,
+    args = story_cloze_args(tmp_path, tmp_path / "log", tmp_path / "pretrained", 150, 40, max_train_examples=120,
                             val_examples=24, max_test_examples=32, epochs=12, batch_size=16, micro_batch_size=16,
                             max_lr=3e-3, lm_coef=0, dropout=0, clf_dropout=0, zero_shot="false")
     status, out, err = run_stage("finetune_mc", args, monkeypatch, capsys)
@@ -239,10 +258,10 @@ def test_finetuning_a_small_gpt2_learns_story_cloze(shared_data: Path, tmp_path:
     assert "| epoch 12 |" in out and "best epoch by val accuracy" in out
 
 
-def test_finetuning_gpt1_with_the_lm_loss(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_finetuning_gpt1_with_the_lm_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture) -> None:
     write_hf_gpt1_folder(tmp_path / "openai-gpt", n_positions=256, n_embd=32, n_layer=2, n_head=2, std=0.02)
-    args = story_cloze_args(shared_data, tmp_path / "log", tmp_path / "openai-gpt", max_train_examples=40,
+    args = story_cloze_args(tmp_path, tmp_path / "log", tmp_path / "openai-gpt", 60, 8, max_train_examples=40,
                             val_examples=8, max_test_examples=8, epochs=2, batch_size=8, micro_batch_size=4,
                             max_lr=1e-3, eval_batch_size=4)  # lm_coef 0.5, the paper's, by default
     status, out, err = run_stage("finetune_mc", args, monkeypatch, capsys)
@@ -259,7 +278,7 @@ def test_finetuning_gpt1_with_the_lm_loss(shared_data: Path, tmp_path: Path, mon
     assert (best / CLASSIFIER_FILE).is_file() and (best / "vocab.json").is_file()
     model, tokenizer, markers = load_multiple_choice_model(best)
     assert markers.extract == tokenizer.n_vocab - 1 == model.gpt.config.vocab_size - 1
-    labelled = read_questions(shared_data / "storycloze" / "cloze_test_val_spring2016.csv", limit=40)
+    labelled = read_questions(tmp_path / "train.csv", limit=40)
     _, val = split_off(labelled, 8, seed=42)
     encoded, _ = encode_questions(val, tokenizer, markers, model.gpt.config.block_size)
     assert accuracy(model, encoded, batch_size=4) == summary["best_val_acc"]

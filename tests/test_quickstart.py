@@ -14,6 +14,7 @@ import pytest
 
 from core.errors import UserError
 from core.plotting import plot_run
+from tests.stages import HANG_GUARD_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def test_quickstart_runs_end_to_end_offline(tmp_path: Path) -> None:
            "GPT2_TOOLKIT_CACHE": str(tmp_path / "cache"),
            "GPT2_TOOLKIT_HELLASWAG_URL": "http://127.0.0.1:9/hellaswag_val.jsonl"}
     result = subprocess.run(["bash", "quickstart.sh"], cwd=checkout, env=env, capture_output=True, text=True,
-                            timeout=1800)  # a hang guard only
+                            timeout=HANG_GUARD_SECONDS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log_dir = checkout / "log" / "quickstart"
     records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
@@ -50,7 +51,7 @@ def test_plot_of_a_run_with_train_records_only(tmp_path: Path) -> None:
               "tokens_per_second": 1.0, "mfu": None} for step in range(30)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = subprocess.run([sys.executable, str(ROOT / "plot.py"), str(tmp_path), "--out", str(tmp_path / "p.png")],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert result.returncode == 0, result.stderr
     assert len(decoded_png(tmp_path / "p.png")) == 3
 

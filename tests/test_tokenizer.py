@@ -10,6 +10,7 @@ import tiktoken
 from core import tokenizer
 from core.errors import UserError
 from core.tokenizer import get_tokenizer
+from tests.data_paths import SHAKESPEARE
 
 
 @pytest.fixture(autouse=True)
@@ -53,13 +54,13 @@ def test_gpt2_ids_are_tiktokens(text: str) -> None:
     assert encoding.decode(GPT2_IDS[text]) == text
 
 
-def test_tinyshakespeare_has_tiktokens_gpt2_token_count(shared_data: Path) -> None:
-    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()
+def test_tinyshakespeare_has_tiktokens_gpt2_token_count() -> None:
+    text = SHAKESPEARE.read_text()
     assert len(get_tokenizer("gpt2").encode_ordinary(text)) == TINYSHAKESPEARE_GPT2_TOKENS
 
 
-def test_gpt2_round_trips_text(no_network: None, shared_data: Path) -> None:
-    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()[:20000]
+def test_gpt2_round_trips_text(no_network: None) -> None:
+    text = SHAKESPEARE.read_text()[:20000]
     encoding = get_tokenizer("gpt2")
     assert encoding.decode(encoding.encode_ordinary(text)) == text
 

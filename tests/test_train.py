@@ -27,19 +27,22 @@ from core.errors import UserError
 from core.optim import decay_groups, learning_rate
 from core.shards import list_shards, open_shard, write_shard
 from model import GPT, GPTConfig
+from tests.data_paths import HELLASWAG, SHAKESPEARE
+from tests.stages import HANG_GUARD_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model small enough for a step to take a fraction of a second on one core.
 SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--seq-len", "32",
          "--micro-batch-size", "4", "--warmup-steps", "2", "--max-lr", "1e-3", "--val-tokens", "0",
-         "--hellaswag-examples", "0", "--num-samples", "0", "--device", "cpu", "--progress", "false"]
+         "--hellaswag-examples", "0", "--num-samples", "0", "--device", "cpu", "--dtype", "float32",
+         "--progress", "false"]
 
 
 @pytest.fixture(scope="session")
-def shakespeare_shards(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+def shakespeare_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny Shakespeare as fineweb.py writes it: a paragraph per document, 32k val tokens, 100k-token shards."""
     out = tmp_path_factory.mktemp("shakespeare")
-    fineweb.main(["--input", str(shared_data / "text" / "tinyshakespeare.txt"), "--txt-paragraphs",
+    fineweb.main(["--input", str(SHAKESPEARE), "--txt-paragraphs",
                   "--out", str(out), "--prefix", "shakespeare", "--val-tokens", "32768", "--shard-size", "100000",
                   "--workers", "1"])
     return out
@@ -49,7 +52,7 @@ def run_script(script: Path, *args: str, cwd: Path, env: dict | None = None,
                torchrun: int = 0) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
     command = [*(launcher if torchrun else [sys.executable]), str(script), *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=1800,  # a hang guard only
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS,
                           env={**os.environ, **(env or {}), "PYTHONPATH": with_root_on_path()})
 
 
@@ -233,8 +236,8 @@ def test_tiny_config_learns_tiny_shakespeare(shakespeare_shards: Path, tmp_path:
     # tiny.toml's training as it is; evaluation only at the start and the end, on 16k val tokens, to save time.
     result = run_script(ROOT / "train_gpt2.py", "--config", str(ROOT / "configs" / "tiny.toml"),
                         "--data-dir", str(shakespeare_shards), "--log-dir", str(tmp_path / "log"),
-                        "--eval-interval", "200", "--val-tokens", "16384", "--device", "cpu", "--progress", "false",
-                        cwd=tmp_path)
+                        "--eval-interval", "200", "--val-tokens", "16384", "--device", "cpu", "--dtype", "float32",
+                        "--progress", "false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     val = records(tmp_path / "log", "val")
     print(f"tiny.toml val loss: {val[0]['val_loss']:.3f} at step 0, {val[-1]['val_loss']:.3f} at step 200")
@@ -250,7 +253,8 @@ def test_tiny_config_learns_tiny_shakespeare(shakespeare_shards: Path, tmp_path:
     assert log_txt[0].startswith("0 val ") and "199 train " in log_txt[-2] and log_txt[-1].startswith("200 val ")
     # The checkpoint is an ordinary model spec for the other stages.
     sample = run_script(ROOT / "sample.py", "-m", str(tmp_path / "log" / "checkpoints" / "step_000200"), "--device",
-                        "cpu", "--greedy", "--max-new-tokens", "5", "--json", "ROMEO:", cwd=tmp_path)
+                        "cpu", "--dtype", "float32", "--greedy", "--max-new-tokens", "5", "--json", "ROMEO:",
+                        cwd=tmp_path)
     assert sample.returncode == 0, sample.stderr
     assert len(json.loads(sample.stdout)["samples"][0]["tokens"]) == 5
 
@@ -370,12 +374,12 @@ def test_sigterm_saves_a_checkpoint_that_resumes(shakespeare_shards: Path, tmp_p
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": with_root_on_path()})
     metrics = log_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + HANG_GUARD_SECONDS
     while not (metrics.exists() and metrics.read_text().count('"train"') >= 2) and time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=300)
+    stdout, stderr = process.communicate(timeout=HANG_GUARD_SECONDS)
     assert process.returncode == 0, stderr
     done = len(records(log_dir, "train"))
     assert f"stopped at step {done}" in stdout
@@ -446,15 +450,15 @@ def test_mfu_peaks_come_from_the_table_or_are_unknown(monkeypatch: pytest.Monkey
     assert mfu.flops_per_token(model, 64) == 6 * matmul_params + 12 * 2 * 16 * 64
 
 
-def test_hellaswag_tensorboard_and_compile_in_a_run(shakespeare_shards: Path, shared_data: Path,
+def test_hellaswag_tensorboard_and_compile_in_a_run(shakespeare_shards: Path,
                                                     tmp_path: Path) -> None:
-    """HellaSwag records from the shared data, TensorBoard event files, and a compiled model whose
+    """HellaSwag records from the shipped examples, TensorBoard event files, and a compiled model whose
     evaluation and sampling run on the raw module and whose checkpoint has no `_orig_mod.` names."""
     pytest.importorskip("tensorboard")
     log_dir = tmp_path / "log"
     result = train(shakespeare_shards, log_dir, "--max-steps", "2", "--total-batch-size", "128", "--eval-interval",
                    "2", "--hellaswag-examples", "8", "--hellaswag-data",
-                   str(shared_data / "hellaswag" / "hellaswag_val_1000.jsonl"), "--block-size", "256",
+                   str(HELLASWAG), "--block-size", "256",
                    "--num-samples", "1", "--sample-tokens", "4", "--val-tokens", "512", "--tensorboard", "--compile")
     assert result.returncode == 0, result.stderr
     hellaswag = records(log_dir, "hellaswag")
