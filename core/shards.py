@@ -115,6 +115,10 @@ class ShardWriter:
         self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype))
         self.num_tokens += tokens.size
 
+    def flush(self) -> None:
+        """Hand what is written so far to the operating system (it reaches the file, not the disk)."""
+        self._file.file.flush()
+
     def commit(self) -> Path:
         header = HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.num_tokens, self.vocab_size, 0, self._name)
         self._file.write(header, offset=0)
@@ -123,6 +127,57 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._file.abort()
+
+
+class SplitWriter:
+    """One split's token stream, cut into shards of `shard_size` tokens as it grows.
+
+    `position` counts the split's tokens so far. On a resumed run the stream restarts before the end
+    of the complete shards, so tokens that those shards already hold are dropped, not written twice."""
+
+    def __init__(self, folder: Path, prefix: str, split: str, shard_size: int, tokenizer: str, vocab_size: int,
+                 shards: list[str], tokens: int, position: int) -> None:
+        self.folder, self.prefix, self.split, self.shard_size = folder, prefix, split, shard_size
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.shards = list(shards)  # names of the complete shards, in order
+        self.tokens = tokens  # tokens in those shards
+        self.position = position
+        self.shard: ShardWriter | None = None  # the shard being written
+
+    def append(self, tokens: np.ndarray) -> bool:
+        """Add tokens to the stream; True when that completed a shard."""
+        behind = self.tokens - self.position
+        if behind > 0:
+            skip = min(behind, len(tokens))
+            tokens, self.position = tokens[skip:], self.position + skip
+        completed = False
+        while len(tokens):
+            if self.shard is None:
+                path = shard_path(self.folder, self.prefix, self.split, len(self.shards))
+                self.shard = ShardWriter(path, self.tokenizer, self.vocab_size)
+            take = tokens[: self.shard_size - self.shard.num_tokens]
+            self.shard.write(take)
+            self.position += len(take)
+            tokens = tokens[len(take):]
+            if self.shard.num_tokens == self.shard_size:
+                self.flush()
+                completed = True
+        return completed
+
+    def flush(self) -> None:
+        """Complete the shard being written (the last shard of a split may be short)."""
+        if self.shard is None:
+            return
+        self.shard.commit()
+        self.shards.append(self.shard.path.name)
+        self.tokens += self.shard.num_tokens
+        self.shard = None
+
+    def abort(self) -> None:
+        """Drop the shard being written; the complete ones stay."""
+        if self.shard is not None:
+            self.shard.abort()
+            self.shard = None
 
 
 def write_shard(path: Path | str, tokens: np.ndarray, tokenizer: str, vocab_size: int) -> Path:

@@ -21,6 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import fineweb
+from core import documents
+from core.corpus import encode_document, tokenize_in_order
 from core.errors import UserError
 from core.shards import list_shards, open_shard, read_shard_info
 from core.tokenizer import get_tokenizer
@@ -40,7 +42,7 @@ killed_shard, write = sys.argv[1], ShardWriter.write
 
 def write_or_die(self, tokens):
     if self.path.name == killed_shard and self.num_tokens:
-        self._file.file.flush()  # what was written so far reaches the file, as with a real crash
+        self.flush()  # what was written so far reaches the file, as with a real crash
         os.kill(os.getpid(), signal.SIGKILL)
     write(self, tokens)
 
@@ -115,10 +117,8 @@ def test_tinyshakespeare_is_one_document_or_one_per_paragraph(tmp_path: Path) ->
     assert decoded == "".join(EOT + paragraph for paragraph in paragraphs)
 
 
-def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path: Path, fineweb_jsonl: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fineweb, "BATCH_CHARS", 5000)  # many batches in flight, so order really is at stake
-    inputs = [fineweb_jsonl, SHAKESPEARE]
+def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path: Path, fineweb_jsonl: Path) -> None:
+    inputs = [fineweb_jsonl, SHAKESPEARE]  # 1.5M characters: batches of 256k, several in flight at once
     for workers in (1, 2):
         build("--input", *inputs, "--txt-paragraphs", "--out", tmp_path / str(workers), "--workers", workers,
               "--shard-size", 50000, "--val-tokens", 20000, "--shuffle-seed", 3, "--shuffle-window", 100)
@@ -126,38 +126,46 @@ def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path: Path, finew
     assert len(one) > 8 and one == two
 
 
-def test_tokenize_in_order_keeps_document_order(monkeypatch: pytest.MonkeyPatch, fineweb_docs: list[str]) -> None:
-    monkeypatch.setattr(fineweb, "BATCH_CHARS", 1)  # a batch per document
-    encoding = get_tokenizer("gpt2")
+class OutOfOrderEncoding:
+    """GPT-2's encoding, but every even document waits until the odd one after it is encoded, so that
+    with a document per batch the batches surely finish out of order."""
+
+    def __init__(self, docs: list[str]) -> None:
+        self.encoding = get_tokenizer("gpt2")
+        self.number = {id(doc): i for i, doc in enumerate(docs)}
+        self.done = [threading.Event() for _ in docs]
+        self.finished: list[int] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.encoding, name)
+
+    def encode_to_numpy(self, text: str, **kwargs: object) -> np.ndarray:
+        i = self.number[id(text)]
+        if i % 2 == 0 and i + 1 < len(self.done):
+            self.done[i + 1].wait(timeout=HANG_GUARD_SECONDS)
+        tokens = self.encoding.encode_to_numpy(text, **kwargs)
+        self.finished.append(i)
+        self.done[i].set()
+        return tokens
+
+
+def test_tokenize_in_order_keeps_document_order(fineweb_docs: list[str]) -> None:
     docs = fineweb_docs[:24]
-    number = {id(doc): i for i, doc in enumerate(docs)}
-    done = [threading.Event() for _ in docs]
-    finished: list[int] = []
-    encode_batch = fineweb.encode_batch
-
-    def encode_out_of_order(encoding: object, texts: list[str]) -> list[np.ndarray]:
-        """Every even batch waits until the odd one after it is done, so batches surely finish out of order."""
-        i = number[id(texts[0])]
-        if i % 2 == 0 and i + 1 < len(docs):
-            done[i + 1].wait(timeout=HANG_GUARD_SECONDS)
-        result = encode_batch(encoding, texts)
-        finished.append(i)
-        done[i].set()
-        return result
-
-    monkeypatch.setattr(fineweb, "encode_batch", encode_out_of_order)
-    batches = list(fineweb.tokenize_in_order(iter(docs), encoding, workers=4))
+    encoding = OutOfOrderEncoding(docs)
+    batches = list(tokenize_in_order(iter(docs), encoding, workers=4, batch_chars=1))  # a batch per document
+    finished = encoding.finished
     assert sorted(finished) == list(range(len(docs)))
     assert all(finished.index(i + 1) < finished.index(i) for i in range(0, len(docs), 2))  # out of order, surely
     assert len(batches) == len(docs)
     tokens = [document.tolist() for batch in batches for document in batch]
-    assert tokens == [[encoding.eot_token, *encoding.encode_ordinary(doc)] for doc in docs]
+    plain = get_tokenizer("gpt2")
+    assert tokens == [[plain.eot_token, *plain.encode_ordinary(doc)] for doc in docs]
 
 
 def test_documents_are_encoded_as_encode_ordinary_does() -> None:
     encoding = get_tokenizer("gpt2")
     for text in ("a literal <|endoftext|> is text", "a lone surrogate \ud800 here", "", "plain"):
-        document = fineweb.encode_document(encoding, text)
+        document = encode_document(encoding, text)
         assert document.tolist() == [50256, *encoding.encode_ordinary(text)]
 
 
@@ -294,10 +302,9 @@ def test_a_crash_between_a_shard_and_its_manifest_update_resumes(tmp_path: Path,
     out.mkdir()
     (out / "edufineweb_val_000000.bin").write_bytes((tmp_path / "reference" / "edufineweb_val_000000.bin").read_bytes())
     manifest = json.loads((tmp_path / "reference" / "edufineweb_manifest.json").read_text())
-    # As left by a kill right after the rename, and by fineweb.py's first manifest version, which the rerun upgrades.
-    del manifest["settings"]["shuffle_val"]
-    manifest.update(version=1, complete=False, resume={"document": 0, "split": "val", "position": 0,
-                                                       "documents": {"val": 0, "train": 0}},
+    # As left by a kill right after the rename: the shard complete, the manifest from before it.
+    manifest.update(complete=False, resume={"document": 0, "split": "val", "positions": {"val": 0, "train": 0},
+                                            "documents": {"val": 0, "train": 0}},
                     splits={"val": {"shards": [], "tokens": 0}, "train": {"shards": [], "tokens": 0}})
     (out / "edufineweb_manifest.json").write_text(json.dumps(manifest))
     build(*args, "--out", out)
@@ -360,7 +367,7 @@ def test_default_source_streams_fineweb_edu_sample_10bt(tmp_path: Path, monkeypa
         calls.append((path, kwargs))
         return iter({"text": doc, "score": 3.5} for doc in fineweb_docs)
 
-    monkeypatch.setattr(fineweb, "require_hub_reachable", lambda what, advice: None)
+    monkeypatch.setattr(documents, "require_hub_reachable", lambda what, advice: None)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.chdir(tmp_path)
     build("--val-tokens", 30000)
@@ -381,7 +388,7 @@ def test_a_dropped_connection_resumes_where_the_shards_end(tmp_path: Path, monke
             yield {"text": doc}
 
     attempts = iter([100, None])
-    monkeypatch.setattr(fineweb, "require_hub_reachable", lambda what, advice: None)
+    monkeypatch.setattr(documents, "require_hub_reachable", lambda what, advice: None)
     monkeypatch.setattr(datasets, "load_dataset", lambda path, **kwargs: rows(next(attempts)))
     args = ["--out", tmp_path / "out", "--val-tokens", 20000, "--shard-size", 10000]
     with pytest.raises(UserError, match=r"lost the connection to the hub after 100 rows .* run the same command again"):
