@@ -18,13 +18,14 @@ from core.devices import dtype_name, resolve_dtype
 from core.distributed import close_distributed, init_distributed
 from core.errors import exit_on_user_error
 from core.evaluation import (
-    evaluate,
     gather_results,
     hellaswag_file_on_every_rank,
     read_hellaswag,
+    score_examples,
     summarize,
     write_results,
 )
+from core.matmul import use_measured_matmuls
 from core.pretrained import add_model_arguments, load_model_and_tokenizer
 
 
@@ -47,12 +48,13 @@ def main() -> None:
     args = parse_args()
     distributed = init_distributed(args.device)
     try:
-        model, encoding = load_model_and_tokenizer(args.model, device=distributed.device,
+        model, tokenizer = load_model_and_tokenizer(args.model, device=distributed.device,
                                                    dtype=resolve_dtype(args.dtype, distributed.device))
+        use_measured_matmuls(model)
         path = hellaswag_file_on_every_rank(args.data)
-        examples = read_hellaswag(path, encoding, limit=args.limit)
+        examples = read_hellaswag(path, tokenizer, limit=args.limit)
         start = time.perf_counter()
-        results = gather_results(evaluate(model, examples, args.batch_size, progress=not args.no_progress))
+        results = gather_results(score_examples(model, examples, args.batch_size, progress=not args.no_progress))
         elapsed = time.perf_counter() - start
         if distributed.is_main:
             summary = summarize(results)

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from core.cross_entropy import linear_cross_entropy
 from core.errors import UserError
-from core.matmul import linear
 
 # The four OpenAI GPT-2 sizes (Radford et al. 2019, table 2); all use block_size 1024.
 PRESETS: dict[str, dict[str, int]] = {
@@ -42,8 +41,8 @@ class GPTConfig:
     n_inner: int | None = None  # MLP hidden width; None means 4 * n_embd, as in GPT-2
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
-    # Embedding rows are padded up to a multiple of this (50257 -> 50304 for 64, build-nanogpt's
-    # GPU-friendly size); the head multiplies by the first vocab_size rows only (see GPT.logits).
+    # Embedding rows, and the head's, are padded up to a multiple of this (50257 -> 50304 for 64,
+    # build-nanogpt's GPU-friendly width); the padded ids are never predicted (see GPT.logits).
     vocab_multiple: int = 1
     # GPT-1's block: LayerNorm after each residual add (x = ln(x + f(x))) instead of before each
     # sublayer (x = x + f(ln(x))), and no LayerNorm after the last block.
@@ -150,21 +149,14 @@ class KVCache:
         return torch.arange(self.max_len, device=self.pos.device) <= positions.unsqueeze(1)
 
 
-class Linear(nn.Linear):
-    """nn.Linear through `core.matmul.linear`, the faster of x @ W.T and (W @ x.T).T on this machine."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
-        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
@@ -194,9 +186,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = Linear(config.n_embd, config.mlp_width)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width)
         self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
-        self.c_proj = Linear(config.mlp_width, config.n_embd)
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +225,7 @@ class GPT(nn.Module):
             # GPT-1 has no final LayerNorm: an Identity keeps the forward pass one path, and holds no weights.
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon) if config.final_ln else nn.Identity(),
         ))
-        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
         # GPT-2 paper: scale the residual projections by 1/sqrt(N), N = 2 residual adds per layer.
@@ -253,7 +245,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> (logits (B, T, vocab_size), None), or, given targets (B, T),
+        """idx (B, T) token ids -> (logits (B, T, padded_vocab_size), None), or, given targets (B, T),
         (None, the mean cross-entropy over the targets that are not -1). The loss never holds all
         the logits at once (see core/cross_entropy.py); `logits(hidden_states(idx))` gives them.
         See `hidden_states` for the other arguments."""
@@ -291,18 +283,20 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., C) hidden states -> (..., vocab_size) logits."""
-        # Only the first vocab_size rows of the head: padded rows never reach the loss, sampling or
-        # scoring. Slicing the weight's rows is a contiguous view and keeps the logits contiguous;
-        # slicing the logits instead would copy the largest activation of a small GPT, and again
-        # its gradient, at every step.
-        return linear(hidden, self.lm_head.weight[: self.config.vocab_size])
+        """(..., C) hidden states -> (..., padded_vocab_size) logits, -inf at the padded ids, so that
+        no softmax, sampling or scoring ever gives them any probability. Slice [..., :vocab_size]
+        where exactly the vocabulary's width is needed."""
+        # The head multiplies by all its padded rows: a GEMM 50,304 wide runs faster on GPUs than one
+        # 50,257 wide (build-nanogpt: 96 -> 93 ms a step on an A100), which is what the padding is for.
+        logits = self.lm_head(hidden)
+        logits[..., self.config.vocab_size:] = float("-inf")
+        return logits
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The mean cross-entropy of `logits(hidden)` (..., C) against `targets` (...), skipping
         targets of -1, in float32 whatever the dtype; without ever holding all the logits."""
-        return linear_cross_entropy(hidden.flatten(0, -2), self.lm_head.weight[: self.config.vocab_size],
-                                    targets.flatten())
+        return linear_cross_entropy(hidden.flatten(0, -2), self.lm_head.weight, targets.flatten(),
+                                    self.config.vocab_size)
 
     @property
     def device(self) -> torch.device:
@@ -342,8 +336,8 @@ class GPT(nn.Module):
 
     def with_settings(self, vocab_multiple: int, dropout: float) -> GPT:
         """This model's weights under new training settings: embedding rows padded to a multiple of
-        `vocab_multiple` (50257 -> 50304 for 64; the new rows are zero, never an input, and `logits`
-        cuts them off the output) and another dropout rate (HF's gpt2 configs say 0.1)."""
+        `vocab_multiple` (50257 -> 50304 for 64; the new rows are zero, never an input, and their
+        logits are -inf) and another dropout rate (HF's gpt2 configs say 0.1)."""
         config = replace(self.config, vocab_multiple=vocab_multiple, dropout=dropout)
         weights = {key: value for key, value in self.state_dict().items() if key != "lm_head.weight"}
         wte = weights["transformer.wte.weight"][: config.vocab_size]
@@ -355,12 +349,11 @@ class GPT(nn.Module):
     def from_state_dict(cls, config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:
         """Build a model holding exactly these weights, or fail naming every key that does not fit.
 
-        Accepts the layouts met in the wild: with or without the `transformer.` prefix, with a
-        `_orig_mod.` (torch.compile) or `module.` (DDP) prefix, with or without the tied
-        `lm_head.weight`, with or without HF's causal-mask buffers. Weights must already be in our
-        nn.Linear layout (see `core/hf.py` for HF's Conv1D).
+        `state_dict` is in our layout: the keys of `GPT(config).state_dict()`, nn.Linear weights, the
+        tied `lm_head.weight` optional. Files of other layouts (HF's, a DDP or compiled wrapper's) go
+        through core/weights.py first.
         """
-        state_dict = normalize_state_dict_keys(state_dict)
+        state_dict = dict(state_dict)
         with torch.device("meta"):
             model = cls(config)  # no memory, no random init: every tensor comes from state_dict
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name != "lm_head.weight"}
@@ -387,28 +380,6 @@ class GPT(nn.Module):
         model.load_state_dict(state_dict, strict=False, assign=True)  # strictness checked above
         model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied Parameter
         return model
-
-
-# Buffers that HF GPT-2 checkpoints carried (the causal mask); we compute the mask in SDPA instead.
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-_TOP_LEVEL_NAMES = ("wte.", "wpe.", "h.", "ln_f.")
-
-
-def normalize_state_dict_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map the key layouts of the wild onto ours (see `GPT.from_state_dict`); values untouched."""
-    normalized = {}
-    for key, value in state_dict.items():
-        while key.startswith(_WRAPPER_PREFIXES):  # DDP around a compiled model: module._orig_mod.
-            key = key.removeprefix("_orig_mod.").removeprefix("module.")
-        if key.endswith(_IGNORED_SUFFIXES):
-            continue
-        if key.startswith(_TOP_LEVEL_NAMES):  # the hub's gpt2 files: `h.0.attn...`, `wte.weight`
-            key = "transformer." + key
-        if key in normalized:
-            raise UserError(f"state dict holds {key} twice (under different prefixes)")
-        normalized[key] = value
-    return normalized
 
 
 def _abbreviate(items: list[str], limit: int = 8) -> str:

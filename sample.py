@@ -24,6 +24,7 @@ import torch
 from core.devices import dtype_name, resolve_device, resolve_dtype
 from core.errors import UserError, exit_on_user_error
 from core.generation import Sampling, TextStream, compile_decode_step, fit_to_context, stream_tokens
+from core.matmul import use_measured_matmuls
 from core.pretrained import add_model_arguments, load_model_and_tokenizer
 from core.tokenizer import Tokenizer
 from model import GPT
@@ -79,12 +80,12 @@ def read_prompt(args: argparse.Namespace) -> str:
     return text.removesuffix("\n")
 
 
-def encode_prompt(text: str, encoding: Tokenizer, model: GPT) -> list[int]:
+def encode_prompt(text: str, tokenizer: Tokenizer, model: GPT) -> list[int]:
     """Prompt ids; an empty prompt becomes <|endoftext|>, the token that starts every document.
     GPT-1 has no such token, nor any token for whitespace: its prompts must hold a word."""
-    ids = encoding.encode_ordinary(text) if text or encoding.eot_token is None else [encoding.eot_token]
+    ids = tokenizer.encode_ordinary(text) if text or tokenizer.eot_token is None else [tokenizer.eot_token]
     if not ids:
-        raise UserError(f"the {encoding.name} tokenizer has no <|endoftext|> token to start from and the prompt "
+        raise UserError(f"the {tokenizer.name} tokenizer has no <|endoftext|> token to start from and the prompt "
                         f"{text!r} has no tokens: give a prompt")
     if max(ids) >= model.config.vocab_size:
         raise UserError(f"the prompt has token id {max(ids)}, beyond this model's vocabulary of "
@@ -92,12 +93,12 @@ def encode_prompt(text: str, encoding: Tokenizer, model: GPT) -> list[int]:
     return ids
 
 
-def run_prompt(text: str, model: GPT, encoding: Tokenizer, sampling: Sampling, args: argparse.Namespace,
+def run_prompt(text: str, model: GPT, tokenizer: Tokenizer, sampling: Sampling, args: argparse.Namespace,
                generator: torch.Generator) -> None:
     """Generate for one prompt and print the samples, streaming the first."""
-    prompt, max_new_tokens = fit_to_context(encode_prompt(text, encoding, model), args.max_new_tokens,
+    prompt, max_new_tokens = fit_to_context(encode_prompt(text, tokenizer, model), args.max_new_tokens,
                                             model.config.block_size)
-    stop_token = encoding.eot_token if args.stop_at_eot else None
+    stop_token = tokenizer.eot_token if args.stop_at_eot else None
     if args.compile:
         seconds = compile_decode_step(model, args.num_samples, len(prompt), max_new_tokens)
         print(f"[decode step compiled in {seconds:.1f}s, not counted in the tokens/s]", file=sys.stderr)
@@ -105,9 +106,9 @@ def run_prompt(text: str, model: GPT, encoding: Tokenizer, sampling: Sampling, a
                           compiled=args.compile)
     rows: list[list[int]] = [[] for _ in range(args.num_samples)]  # new tokens, stop token excluded
     finished = [False] * args.num_samples
-    stream = None if args.json else TextStream(encoding.decode_single_token_bytes)
+    stream = None if args.json else TextStream(tokenizer.decode_single_token_bytes)
     if stream is not None and not args.interactive:  # interactively, the prompt is on screen already
-        print("> " + encoding.decode(prompt), end="", flush=True)
+        print("> " + tokenizer.decode(prompt), end="", flush=True)
     start = time.perf_counter()
     for tokens in steps:
         for i, token in enumerate(tokens.tolist()):
@@ -119,20 +120,20 @@ def run_prompt(text: str, model: GPT, encoding: Tokenizer, sampling: Sampling, a
                 print(stream.push(token), end="", flush=True)
     elapsed = time.perf_counter() - start
     if args.json:
-        samples = [{"text": encoding.decode(row), "tokens": row} for row in rows]
+        samples = [{"text": tokenizer.decode(row), "tokens": row} for row in rows]
         print(json.dumps({"model": args.model, "device": str(model.device), "dtype": dtype_name(model.dtype),
-                          "prompt": encoding.decode(prompt), "prompt_tokens": prompt, "samples": samples},
+                          "prompt": tokenizer.decode(prompt), "prompt_tokens": prompt, "samples": samples},
                          ensure_ascii=False))
         return
     print(stream.flush())
     for row in rows[1:]:
-        print("> " + encoding.decode(prompt + row))
+        print("> " + tokenizer.decode(prompt + row))
     new_tokens = sum(len(row) for row in rows)
     print(f"[{new_tokens} new tokens in {elapsed:.2f}s: {new_tokens / max(elapsed, 1e-9):.1f} tokens/s, "
           f"{dtype_name(model.dtype)} on {model.device}]", file=sys.stderr)
 
 
-def interactive(model: GPT, encoding: Tokenizer, sampling: Sampling, args: argparse.Namespace,
+def interactive(model: GPT, tokenizer: Tokenizer, sampling: Sampling, args: argparse.Namespace,
                 generator: torch.Generator) -> None:
     """Read prompts until EOF (Ctrl-D), with readline's line editing and history when on a terminal.
     Ctrl-C interrupts the answer being generated."""
@@ -148,7 +149,7 @@ def interactive(model: GPT, encoding: Tokenizer, sampling: Sampling, args: argpa
         if not text.strip():
             continue
         try:
-            run_prompt(text, model, encoding, sampling, args, generator)
+            run_prompt(text, model, tokenizer, sampling, args, generator)
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
             print("\n[interrupted]", file=sys.stderr)
 
@@ -163,9 +164,10 @@ def main() -> None:
     except ValueError as error:
         raise UserError(str(error)) from None
     text = None if args.interactive else read_prompt(args)
-    model, encoding = load_model_and_tokenizer(args.model, device=device, dtype=dtype)
-    if args.stop_at_eot and encoding.eot_token is None:
-        raise UserError(f"--stop-at-eot: the {encoding.name} tokenizer has no <|endoftext|> token")
+    model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=dtype)
+    use_measured_matmuls(model)
+    if args.stop_at_eot and tokenizer.eot_token is None:
+        raise UserError(f"--stop-at-eot: the {tokenizer.name} tokenizer has no <|endoftext|> token")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if args.compile is None:
         args.compile = device.type == "cuda" and sys.platform != "win32"
@@ -174,9 +176,9 @@ def main() -> None:
     warnings.simplefilter("always")
     warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
     if args.interactive:
-        interactive(model, encoding, sampling, args, generator)
+        interactive(model, tokenizer, sampling, args, generator)
     else:
-        run_prompt(text, model, encoding, sampling, args, generator)
+        run_prompt(text, model, tokenizer, sampling, args, generator)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
 from core.devices import resolve_device
-from core.evaluation import evaluate, read_hellaswag
+from core.evaluation import read_hellaswag, score_examples
+from core.matmul import use_measured_matmuls
 from core.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 from tests.data_paths import HELLASWAG
@@ -45,14 +46,15 @@ def main() -> None:
     examples = read_hellaswag(args.data, get_tokenizer("gpt2"), limit=args.limit)
     torch.manual_seed(0)
     model = GPT(GPTConfig()).to(device).eval()
+    use_measured_matmuls(model)  # as hellaswag.py does
 
     print(describe_hardware())
     print(f"GPT-2 124M (random weights) on {device}, {len(examples)} HellaSwag examples, batch size {args.batch_size}")
-    evaluate(model, examples[: args.batch_size], args.batch_size, progress=False)  # warm-up
-    ours, ours_seconds = timed(lambda: evaluate(model, examples, args.batch_size, progress=False))
+    score_examples(model, examples[: args.batch_size], args.batch_size, progress=False)  # warm-up
+    ours, ours_seconds = timed(lambda: score_examples(model, examples, args.batch_size, progress=False))
     reference, reference_seconds = timed(lambda: [reference_scores(model, example) for example in examples])
     model_bf16 = model.to(torch.bfloat16)
-    ours_bf16, bf16_seconds = timed(lambda: evaluate(model_bf16, examples, args.batch_size, progress=False))
+    ours_bf16, bf16_seconds = timed(lambda: score_examples(model_bf16, examples, args.batch_size, progress=False))
 
     n = len(examples)
     fp32_mismatches = sum((r.pred, r.pred_norm) != ref[:2] for r, ref in zip(ours, reference, strict=True))

@@ -32,7 +32,7 @@ from bench.hardware import describe_hardware
 from core.devices import resolve_device, resolve_dtype, synchronize
 from core.generation import Sampling, compile_decode_step, generate, sample_next
 from core.hf import config_to_hf, state_dict_to_hf
-from core.matmul import linear
+from core.matmul import linear, use_measured_matmuls
 from model import GPT, GPTConfig
 
 NUM_SAMPLES, NEW_TOKENS, TOP_K = 5, 128, 50
@@ -125,6 +125,7 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device, cpu_bfloat16=True)  # what sample.py runs in
     torch.manual_seed(0)
     model = GPT(GPTConfig()).to(device=device, dtype=dtype).eval()
+    use_measured_matmuls(model)  # as sample.py does
     reference = GPT2LMHeadModel(GPT2Config(**config_to_hf(model.config)))
     reference.load_state_dict(state_dict_to_hf(model), strict=False)  # strict=False: tied lm_head
     reference = reference.to(device=device, dtype=dtype).eval()

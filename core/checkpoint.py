@@ -1,4 +1,4 @@
-"""Our checkpoint format, and the one safe way this project reads tensor files.
+"""Our checkpoint format: writing it atomically, and reading it back.
 
 A checkpoint is a folder:
     model.safetensors   the weights in our layout (the tied lm_head.weight is not stored twice)
@@ -18,16 +18,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from core.atomic import fsync_folder
-from core.errors import UserError, first_line
+from core.errors import UserError
 from core.tokenizer import Tokenizer, added_tokens, tokenizer_files, tokenizer_name
+from core.weights import our_layout, read_tensor_file
 from model import GPT, GPTConfig
 
 FORMAT = "gpt2-toolkit-checkpoint"
@@ -38,9 +38,9 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 
 
 def is_checkpoint(folder: Path | str) -> bool:
-    folder = Path(folder)
-    recover_interrupted_save(folder)
-    return (folder / META_FILE).is_file()
+    """Whether `folder` holds one of our checkpoints (after `recover_interrupted_save`, if a crash may
+    have left it half replaced)."""
+    return (Path(folder) / META_FILE).is_file()
 
 
 def save_checkpoint(folder: Path | str, model: GPT, tokenizer: str | Tokenizer,
@@ -99,13 +99,19 @@ def load_checkpoint(folder: Path | str) -> tuple[GPT, dict[str, Any]]:
     """Our model (fp32, CPU) and the checkpoint's metadata."""
     folder = Path(folder)
     recover_interrupted_save(folder)
-    meta = read_meta(folder)
-    config = GPTConfig.from_dict(meta["config"])
+    config, weights, meta = read_checkpoint(folder)
     try:
-        model = GPT.from_state_dict(config, read_tensor_file(folder / WEIGHTS_FILE))
+        model = GPT.from_state_dict(config, weights)
     except UserError as error:
         raise UserError(f"{folder}: {error}") from None
     return model.float(), meta
+
+
+def read_checkpoint(folder: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """A checkpoint's model config, its weights in our layout (a file written from a DDP or compiled
+    wrapper's state dict included), and its metadata."""
+    meta = read_meta(folder)
+    return GPTConfig.from_dict(meta["config"]), our_layout(read_tensor_file(folder / WEIGHTS_FILE)), meta
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
@@ -126,26 +132,6 @@ def read_meta(folder: Path) -> dict[str, Any]:
     if not isinstance(added, list) or not all(isinstance(name, str) for name in added):
         raise UserError(f"{path}: added_tokens must be a list of token names")
     return meta
-
-
-def read_tensor_file(path: Path | str) -> dict[str, Any]:
-    """Tensors from a safetensors file, or from a pickle that may hold nothing but tensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path)
-        except Exception as error:  # safetensors raises its own SafetensorError, not an OSError
-            raise UserError(f"cannot read {path}: {error}") from None
-    try:
-        # weights_only=True refuses any pickle that would build more than tensors and plain
-        # containers, i.e. one that would run code. mmap saves a second copy of large files, but
-        # only torch's zip format (torch >= 1.6) supports it; older files are read whole.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as error:
-        raise UserError(f"refusing to load {path}: not a plain tensor pickle ({first_line(error)}). "
-                        "Only safetensors and weights-only pickles are accepted.") from None
 
 
 def read_trainer_state(folder: Path | str) -> dict[str, Any]:

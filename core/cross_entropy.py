@@ -9,14 +9,14 @@ Liger-Kernel's FusedLinearCrossEntropy, and of Wijmans et al. 2024, "Cut Your Lo
 
 On the CPU the training step spends most of its time here, so `linear_cross_entropy` uses the
 chunked form there. GPUs use the plain form, which torch.compile fuses well (build-nanogpt's path).
+
+A pure function of its inputs, like the model that calls it: no state, no files, no timing.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from core.matmul import linear
 
 IGNORE_INDEX = -1  # targets equal to this contribute nothing (padding, the ends of packed rows)
 # The float32 logits of one chunk take at most this much memory, so the loss's memory is bounded
@@ -26,18 +26,24 @@ IGNORE_INDEX = -1  # targets equal to this contribute nothing (padding, the ends
 CHUNK_BYTES = 256 * 2**20
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         vocab_size: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of the logits `hidden @ weight.T` against `targets`, skipping IGNORE_INDEX.
 
-    hidden (N, C), weight (V, C), targets (N,). The same value as F.cross_entropy over float32 logits.
+    hidden (N, C), weight (V, C), targets (N,). With `vocab_size` < V, the rows of `weight` past it
+    (a padded vocabulary) take part in the products but not in the softmax: their logits are -inf.
+    The same value as F.cross_entropy over float32 logits.
     """
+    vocab_size = weight.size(0) if vocab_size is None else vocab_size
     if hidden.device.type != "cpu":
-        return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX)
+        logits = F.linear(hidden, weight).float()
+        logits[:, vocab_size:] = float("-inf")
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
     if torch.compiler.is_compiling():
         # A compiled model runs its body compiled and this loop eagerly. Disabled here rather than
         # with a decorator, which would import torch._dynamo (3 s) into every script that never compiles.
-        return torch.compiler.disable(ChunkedLinearCrossEntropy.apply)(hidden, weight, targets)
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets)
+        return torch.compiler.disable(ChunkedLinearCrossEntropy.apply)(hidden, weight, targets, vocab_size)
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, vocab_size)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -46,24 +52,24 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
-                targets: torch.Tensor) -> torch.Tensor:
+                targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
         # Under autocast the products run in its dtype, as F.linear's would; the softmax always
         # runs in float32 (a log-sum-exp over 50k logits needs it), and so does the weight gradient's sum.
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
         with torch.autocast("cpu", enabled=False):
-            return _forward(ctx, hidden, weight, targets, dtype)
+            return _forward(ctx, hidden, weight, targets, vocab_size, dtype)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx,
-                 grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+                 grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_weight = grad_weight * grad_loss.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None
+        return grad_hidden, grad_weight, None, None
 
 
 def _forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
-             targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+             targets: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
     wants_grad_hidden, wants_grad_weight = ctx.needs_input_grad[:2]
     hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
     counted = targets != IGNORE_INDEX
@@ -77,7 +83,8 @@ def _forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, wei
     for rows in _chunks(hidden.size(0), weight.size(0)):
         h, keep = hidden_c[rows], counted[rows]
         target = targets[rows].clamp(min=0).unsqueeze(1)  # ignored rows point at token 0, then count 0
-        logits = linear(h, weight_c).float()  # (r, V)
+        logits = F.linear(h, weight_c).float()  # (r, V)
+        logits[:, vocab_size:] = float("-inf")  # padded ids: probability 0, so no gradient either
         target_logit = logits.gather(1, target).squeeze(1)
         peak = logits.amax(1, keepdim=True)
         probs = logits.sub_(peak).exp_()  # in place: the chunk's one (r, V) buffer from here on

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,8 @@ from core.cache import cache_dir
 from core.errors import UserError
 from core.tokenizer import Tokenizer
 from model import GPT
+
+Item = TypeVar("Item")
 
 # GPT2_TOOLKIT_HELLASWAG_URL points the download at a mirror (or, in the tests, at a local server).
 HELLASWAG_URL = os.environ.get("GPT2_TOOLKIT_HELLASWAG_URL",
@@ -227,9 +230,10 @@ def score_batch(model: GPT, examples: list[Example]) -> list[Result]:
             for i, example in enumerate(examples)]
 
 
-def batches_by_length(examples: list[Example], batch_size: int) -> Iterator[list[Example]]:
-    """Batches of examples of similar packed length, so that little compute goes to padding."""
-    ordered = sorted(examples, key=packed_length, reverse=True)  # the largest batch first: OOM early
+def batches_by_length(items: list[Item], batch_size: int, length: Callable[[Item], int]) -> Iterator[list[Item]]:
+    """Batches of items of similar `length`, so that little compute goes to padding; the longest
+    first, so that a batch too large for memory fails at once."""
+    ordered = sorted(items, key=length, reverse=True)
     for start in range(0, len(ordered), batch_size):
         yield ordered[start : start + batch_size]
 
@@ -247,7 +251,7 @@ def check_fits(model: GPT, examples: list[Example]) -> None:
                             f"of {model.config.vocab_size}: is it the model's tokenizer?")
 
 
-def evaluate(model: GPT, examples: list[Example], batch_size: int = 16, progress: bool = True,
+def score_examples(model: GPT, examples: list[Example], batch_size: int = 16, progress: bool = True,
              desc: str = "hellaswag") -> list[Result]:
     """Score this process's share of `examples` (in eval mode): all of them alone, every world_size-th
     one under torch.distributed. Results come back in example order; `gather_results` collects all ranks'."""
@@ -258,7 +262,7 @@ def evaluate(model: GPT, examples: list[Example], batch_size: int = 16, progress
     correct = correct_norm = 0
     with (tqdm(total=len(mine), desc=desc, unit="ex", disable=not progress or rank != 0, leave=False) as bar,
           model.evaluating()):
-        for batch in batches_by_length(mine, batch_size):
+        for batch in batches_by_length(mine, batch_size, packed_length):
             batch_results = score_batch(model, batch)
             results += batch_results
             correct += sum(r.pred == r.label for r in batch_results)

@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import save_file
 
 from core import gpt1_tokenizer
-from core.checkpoint import read_tensor_file
 from core.errors import UserError, first_line
 from core.hub import require_hub_reachable
 from core.tokenizer import Tokenizer, added_tokens, get_tokenizer, tokenizer_files, tokenizer_name
+from core.weights import our_layout, read_tensor_file
 from model import GPT, GPTConfig
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -137,17 +137,15 @@ def config_to_hf(config: GPTConfig, tokenizer: str | Tokenizer = DEFAULT_TOKENIZ
 
 
 def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF keys and Conv1D layout -> our keys and nn.Linear layout."""
-    # Other keys stay as they are: GPT.from_state_dict maps the prefixes and drops HF's mask buffers.
-    ours = {}
+    """HF keys and Conv1D layout (GPT-2's or GPT-1's, in any of the layouts of core/weights.py) -> our
+    keys and nn.Linear layout."""
+    renamed = {}
     for key, value in hf_state_dict.items():
-        if key.endswith("position_ids"):  # GPT-1's arange buffer, in files of older transformers
-            continue
         for gpt1_name, name in GPT1_NAMES.items():
             if key.startswith((gpt1_name, "transformer." + gpt1_name)):
                 key = key.replace(gpt1_name, name, 1)
-        ours[key] = value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value
-    return ours
+        renamed[key] = value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value
+    return our_layout(renamed)
 
 
 def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
@@ -168,9 +166,9 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     return hf
 
 
-def load_hf_folder(folder: Path | str) -> tuple[GPT, str, list[str]]:
-    """Our model (fp32, CPU) from an HF GPT-2 or GPT-1 folder (config.json + weights), its tokenizer's
-    name and the names of the tokens added after that tokenizer's vocabulary."""
+def read_hf_folder(folder: Path | str) -> tuple[GPTConfig, dict[str, torch.Tensor], str, list[str]]:
+    """An HF GPT-2 or GPT-1 folder (config.json + weights) as our model config, its weights in our
+    layout, its tokenizer's name and the names of the tokens added after that tokenizer's vocabulary."""
     folder = Path(folder)
     config_path = folder / "config.json"
     try:
@@ -178,16 +176,12 @@ def load_hf_folder(folder: Path | str) -> tuple[GPT, str, list[str]]:
     except (OSError, json.JSONDecodeError) as error:
         raise UserError(f"cannot read {config_path}: {error}") from None
     config = config_from_hf(hf_config)
-    hf_state_dict = read_weights(folder)
-    try:
-        model = GPT.from_state_dict(config, state_dict_from_hf(hf_state_dict))
-    except UserError as error:
-        raise UserError(f"{folder}: {error}") from None
+    weights = state_dict_from_hf(read_weights(folder))
     default = gpt1_tokenizer.NAME if hf_config.get("model_type") == GPT1_MODEL_TYPE else DEFAULT_TOKENIZER
     added = hf_config.get(ADDED_TOKENS_KEY, [])
     if not isinstance(added, list) or not all(isinstance(token, str) for token in added):
         raise UserError(f"{config_path}: {ADDED_TOKENS_KEY} must be a list of token names")
-    return model.float(), hf_config.get(TOKENIZER_KEY, default), added
+    return config, weights, hf_config.get(TOKENIZER_KEY, default), added
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -215,7 +209,7 @@ def shard_names(index_path: Path) -> list[str]:
 def export_hf(model: GPT, folder: Path | str, tokenizer: str | Tokenizer = DEFAULT_TOKENIZER) -> Path:
     """Write `model` as an HF folder that `GPT2LMHeadModel.from_pretrained(folder)` (GPT-1:
     `OpenAIGPTLMHeadModel`) loads; the tokenizer's name and added tokens are kept in config.json so
-    that `load_hf_folder` pairs them again, and GPT-1's tokenizer files are written beside."""
+    that `read_hf_folder` pairs them again, and GPT-1's tokenizer files are written beside."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state_dict_to_hf(model), folder / "model.safetensors", metadata={"format": "pt"})

@@ -1,21 +1,18 @@
-"""`linear`: x @ W.T (+ b), the product behind every linear layer, in whichever of its two
-formulations runs faster on this machine, measured once.
+"""An opt-in speed-up for inference on the CPU: every linear layer's x @ W.T (+ b) in whichever of
+its two formulations runs faster on this machine, measured once. sample.py and hellaswag.py apply it
+to their model on a CPU (`use_measured_matmuls`); the model itself, and training, never touch it.
 
-A CPU BLAS runs the same product at very different speeds depending on which operand it sees as
-the long side. On a 2-core AMD EPYC (MKL, AVX2) `(W @ x.T).T` ran 1.5-3x faster than `x @ W.T` for
-the few rows of a decode step and 1.3-1.7x faster for GPT-2's 50,257-row output layer, and no faster
-for the body's products; on Intel CPUs with AMX it gains little. A rule tuned on one processor is
-wrong on the next, so the first use of each shape times both formulations and keeps the faster.
+A CPU BLAS runs the same product at different speeds depending on which operand it sees as the
+long side: `(W @ x.T).T` or `x @ W.T`. Which one wins depends on the processor, the dtype and the
+shape (the README's benchmark tables give figures, with the machines named), so the first use of
+each shape times both formulations and keeps the faster.
 
 The two agree to rounding, not always bit for bit (the BLAS may split the sums differently), and
-a training run must be reproducible: a resumed run, or the other rank of a DDP run, must compute
-exactly what an uninterrupted single run would. So each answer is measured once per machine and
-kept in the cache folder (`matmul.json`), under a lock so that concurrent processes (DDP ranks)
-measure each shape only once and all agree. Products that autograd differentiates always go through
-F.linear, whose backward is the well-trodden one; the training step's largest product, the output
-layer, comes here from core/cross_entropy.py, outside autograd. GPUs use F.linear: cuBLAS chooses
-well on its own. Code being compiled cannot time anything, so it takes the choice the same product
-got when it last ran eagerly.
+two processes must compute the same (a run of sample.py with a seed gives the same samples, the
+ranks of a torchrun'd hellaswag.py score alike). So each answer is measured once per machine and
+kept in the cache folder (`matmul.json`), under a lock so that concurrent processes measure each
+shape only once and all agree. Products that autograd differentiates go through F.linear. Code being
+compiled cannot time anything, so it takes the choice the same product got when it last ran eagerly.
 
 GPT2_TOOLKIT_MATMUL=linear (or =transposed) takes that formulation for every product and measures
 nothing: numbers that do not depend on this machine's timings, which is what the tests run with.
@@ -33,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from core.atomic import write_file_atomically
 from core.cache import cache_dir
@@ -48,13 +46,30 @@ except ImportError:  # Windows: no lock; concurrent first uses may then measure 
 # may round differently from F.linear.
 MARGIN = 1.1
 TIMED_CALLS = 2
-# Products of more rows are timed on this many: on the AMD EPYC the winner was the same from 128
-# to 2048 rows for every GPT-2 shape, and timing a 2048-row output layer in full would cost seconds.
+# Products of more rows are timed on this many: the winner was the same from 128 to 2048 rows for
+# every GPT-2 shape where we measured, and timing a 2048-row output layer in full would cost seconds.
 MEASURED_ROWS = 128
 DECISIONS_FILE = "matmul.json"
 
 _decisions: dict[tuple, bool] = {}  # this process's copy of the machine's answers
 _last_choice: dict[tuple, bool] = {}  # by shape alone: what code being compiled reads
+
+
+def use_measured_matmuls(model: nn.Module) -> None:
+    """On a CPU, every nn.Linear of `model` computes through `linear` from now on (weights and names
+    unchanged). Elsewhere nothing changes: cuBLAS chooses well on its own."""
+    if next(model.parameters()).device.type != "cpu":
+        return
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = MeasuredLinear
+
+
+class MeasuredLinear(nn.Linear):
+    """nn.Linear through `linear`: the faster formulation of its product on this machine."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

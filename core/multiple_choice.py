@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,11 +23,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.checkpoint import read_meta, read_tensor_file
+from core.checkpoint import read_meta
 from core.errors import UserError
-from core.evaluation import Example, read_hellaswag_rows, tokenize_example
+from core.evaluation import Example, batches_by_length, read_hellaswag_rows, tokenize_example
 from core.pretrained import load_model_and_tokenizer
 from core.tokenizer import Tokenizer, added_tokens, with_added_tokens
+from core.weights import read_tensor_file
 from model import GPT
 
 STORY_CLOZE_CONTEXT = ("InputSentence1", "InputSentence2", "InputSentence3", "InputSentence4")
@@ -266,11 +266,8 @@ def joint_loss(clf_loss: torch.Tensor, lm_loss: torch.Tensor | None, lm_coef: fl
 
 # --- accuracy -----------------------------------------------------------------------------------------
 
-def batches_by_length(encoded: list[Encoded], batch_size: int) -> Iterator[list[Encoded]]:
-    """Batches of questions of similar length, so that little compute goes to padding."""
-    ordered = sorted(encoded, key=lambda item: max(map(len, item.choices)), reverse=True)
-    for start in range(0, len(ordered), batch_size):
-        yield ordered[start : start + batch_size]
+def longest_choice(question: Encoded) -> int:
+    return max(map(len, question.choices))
 
 
 @torch.no_grad()
@@ -283,7 +280,7 @@ def accuracy(model: MultipleChoiceModel, encoded: list[Encoded], batch_size: int
     was_training = model.training
     model.eval()
     try:
-        for batch in batches_by_length(encoded[rank::world_size], batch_size):
+        for batch in batches_by_length(encoded[rank::world_size], batch_size, longest_choice):
             inputs = collate(batch, device)
             logits, _, _ = model(inputs["idx"], inputs["extract"])
             counts[0] += (logits.argmax(dim=1) == inputs["labels"]).sum()

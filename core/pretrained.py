@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from core import hf
-from core.checkpoint import is_checkpoint, load_checkpoint, recover_interrupted_save
+from core.checkpoint import is_checkpoint, read_checkpoint, recover_interrupted_save
 from core.errors import UserError
 from core.tokenizer import Tokenizer, load_tokenizer
 from model import GPT
@@ -46,22 +46,33 @@ def load_model_and_tokenizer(spec: str, device: torch.device | str = "cpu",
 
 def _load(spec: str) -> tuple[GPT, str, Path, list[str]]:
     """The model (fp32, CPU), its tokenizer's name, the folder it came from, and its added tokens."""
+    folder = _model_folder(spec)
+    if is_checkpoint(folder):
+        config, weights, meta = read_checkpoint(folder)
+        tokenizer, added = meta["tokenizer"], meta.get("added_tokens", [])
+    else:
+        config, weights, tokenizer, added = hf.read_hf_folder(folder)
+    try:
+        model = GPT.from_state_dict(config, weights)
+    except UserError as error:
+        raise UserError(f"{folder}: {error}") from None
+    return model.float(), tokenizer, folder, added
+
+
+def _model_folder(spec: str) -> Path:
+    """The local folder that `spec` names: ours or an HF one, downloaded first for a hub name."""
     path = Path(spec)
-    recover_interrupted_save(path)
+    recover_interrupted_save(path)  # a checkpoint whose replacement a crash cut short
     if path.exists():
         folder = path if path.is_dir() else path.parent
-        if is_checkpoint(folder):
-            model, meta = load_checkpoint(folder)
-            return model, meta["tokenizer"], folder, meta.get("added_tokens", [])
-        if not (folder / "config.json").is_file():
+        if not is_checkpoint(folder) and not (folder / "config.json").is_file():
             raise UserError(f"{spec} is neither one of our checkpoints (no meta.json) "
                             "nor a Hugging Face model folder (no config.json)")
-    elif _HUB_NAME.match(spec) and not spec.startswith(".") and not Path(path.parts[0]).is_dir():
-        folder = hf.download_hf_model(spec)
-    else:  # e.g. log/model_19072 mistyped: log/ exists here, so this was never meant for the hub
-        raise UserError(f"{spec!r}: no such checkpoint file or folder")
-    model, tokenizer, added = hf.load_hf_folder(folder)
-    return model, tokenizer, folder, added
+        return folder
+    if _HUB_NAME.match(spec) and not spec.startswith(".") and not Path(path.parts[0]).is_dir():
+        return hf.download_hf_model(spec)
+    # e.g. log/model_19072 mistyped: log/ exists here, so this was never meant for the hub
+    raise UserError(f"{spec!r}: no such checkpoint file or folder")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "gpt2",

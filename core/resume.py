@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.checkpoint import WEIGHTS_FILE, read_meta, read_tensor_file, read_trainer_state
+from core.checkpoint import read_checkpoint, read_trainer_state
 from core.errors import UserError
 
 _STEP_FOLDER = re.compile(r"^step_(\d{6,})$")
@@ -38,10 +38,8 @@ def list_checkpoints(log_dir: Path) -> list[Path]:
 
 def load_resumable(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """A checkpoint's meta, trainer state and weights, each checked; UserError names what is wrong."""
-    meta = read_meta(folder)
-    trainer_state = read_trainer_state(folder)
-    weights = read_tensor_file(folder / WEIGHTS_FILE)
-    return meta, trainer_state, weights
+    _, weights, meta = read_checkpoint(folder)
+    return meta, read_trainer_state(folder), weights
 
 
 def newest_resumable(log_dir: Path, warn: Any = print) -> tuple[Path, tuple] | None:

@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from core.checkpoint import is_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from core.errors import UserError
 from core.pretrained import load_model
+from core.weights import our_layout
 from model import GPT, GPTConfig
 from tests.weights import redraw_weights
 
@@ -97,10 +98,10 @@ def test_a_ddp_module_prefix_on_every_tensor_is_accepted(checkpoint: Path) -> No
     assert_same_weights(loaded, small_model())
     assert meta["step"] == 1
     state_dict = {f"module.{key}": value for key, value in small_model(seed=5).state_dict().items()}
-    assert_same_weights(GPT.from_state_dict(CONFIG, state_dict), small_model(seed=5))
+    assert_same_weights(GPT.from_state_dict(CONFIG, our_layout(state_dict)), small_model(seed=5))
     # DDP around a compiled model, as nanoGPT and build-nanogpt wrap it: both prefixes, DDP's outside.
     state_dict = {f"module._orig_mod.{key}": value for key, value in small_model(seed=5).state_dict().items()}
-    assert_same_weights(GPT.from_state_dict(CONFIG, state_dict), small_model(seed=5))
+    assert_same_weights(GPT.from_state_dict(CONFIG, our_layout(state_dict)), small_model(seed=5))
 
 
 def crash_on_the_second_rename(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,6 +124,8 @@ def test_a_crash_between_the_two_renames_keeps_the_old_checkpoint(checkpoint: Pa
         save_checkpoint(checkpoint, small_model(seed=1), "gpt2", step=2)
     monkeypatch.undo()
     assert not checkpoint.exists()  # as the crash left it: the old folder retired, the new one staged
+    assert sorted(path.name for path in checkpoint.parent.iterdir()) == [".ckpt.old", ".ckpt.tmp"]
+    assert not is_checkpoint(checkpoint)  # a question, which renames nothing
     assert sorted(path.name for path in checkpoint.parent.iterdir()) == [".ckpt.old", ".ckpt.tmp"]
 
     model, tokenizer = load_model(str(checkpoint))  # the old checkpoint, back under its name

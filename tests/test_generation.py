@@ -52,12 +52,15 @@ def recomputed_greedy(model: GPT, prompt: list[int], new_tokens: int) -> list[in
     return sequence[len(prompt):]
 
 
-@pytest.mark.parametrize("transposed", [False, True], ids=["F.linear", "transposed"])
-def test_greedy_with_cache_equals_argmax_of_full_recomputation(transposed: bool,
+@pytest.mark.parametrize("transposed", [None, False, True], ids=["model", "measured-F.linear", "transposed"])
+def test_greedy_with_cache_equals_argmax_of_full_recomputation(transposed: bool | None,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    # Each of core/matmul.py's formulations for every product (the suite runs F.linear alone otherwise).
-    monkeypatch.setattr(matmul, "forced_choice", lambda: transposed)
+    # The model as it is, and under sample.py's opt-in (core/matmul.py) with each formulation forced.
     model = small_model()
+    if transposed is not None:
+        monkeypatch.setattr(matmul, "forced_choice", lambda: transposed)
+        matmul.use_measured_matmuls(model)
+        assert type(model.lm_head) is matmul.MeasuredLinear
     prompt = [5, 17, 42, 3]
     generated = generate(model, prompt, num_samples=2, max_new_tokens=30, sampling=Sampling(greedy=True))
     expected = recomputed_greedy(model, prompt, 30)

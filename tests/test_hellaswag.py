@@ -18,7 +18,7 @@ import torch
 from core import evaluation
 from core.checkpoint import save_checkpoint
 from core.errors import UserError
-from core.evaluation import Example, Result, evaluate, hellaswag_file, read_hellaswag, summarize
+from core.evaluation import Example, Result, hellaswag_file, read_hellaswag, score_examples, summarize
 from core.hf import export_hf
 from core.pretrained import load_model
 from core.tokenizer import get_tokenizer
@@ -63,7 +63,7 @@ def reference(examples: list[Example]) -> list[tuple]:
 
 @pytest.mark.parametrize("batch_size", [1, 7, 32])
 def test_predictions_equal_the_plain_reference(batch_size: int, examples: list[Example], reference: list) -> None:
-    results = evaluate(random_model(SMALL_VOCAB), examples, batch_size=batch_size, progress=False)
+    results = score_examples(random_model(SMALL_VOCAB), examples, batch_size=batch_size, progress=False)
     assert [r.index for r in results] == list(range(1000))
     for result, (pred, pred_norm, sum_losses, mean_losses) in zip(results, reference, strict=True):
         assert (result.pred, result.pred_norm) == (pred, pred_norm), f"example {result.index}"
@@ -78,8 +78,8 @@ def test_hf_folder_and_our_checkpoint_score_the_same(tmp_path: Path, hellaswag_p
     save_checkpoint(tmp_path / "ours", model, "gpt2")
     export_hf(model, tmp_path / "hf")
     examples = read_hellaswag(hellaswag_path, get_tokenizer("gpt2"), limit=40)
-    ours = evaluate(load_model(str(tmp_path / "ours"))[0], examples, batch_size=8, progress=False)
-    theirs = evaluate(load_model(str(tmp_path / "hf"))[0], examples, batch_size=8, progress=False)
+    ours = score_examples(load_model(str(tmp_path / "ours"))[0], examples, batch_size=8, progress=False)
+    theirs = score_examples(load_model(str(tmp_path / "hf"))[0], examples, batch_size=8, progress=False)
     assert [(r.pred, r.pred_norm) for r in ours] == [(r.pred, r.pred_norm) for r in theirs]
     for mine, hf_result in zip(ours, theirs, strict=True):
         assert mine.sum_losses == pytest.approx(hf_result.sum_losses, rel=1e-5)

@@ -113,3 +113,21 @@ def test_a_damaged_decisions_file_is_measured_again(monkeypatch: pytest.MonkeyPa
     measured = force_choice(monkeypatch, False, tmp_path)
     matmul.linear(torch.randn(4, 32), torch.randn(64, 32))
     assert len(measured) == 1 and list(json.loads((tmp_path / matmul.DECISIONS_FILE).read_text()).values()) == [False]
+
+
+def test_the_opt_in_swaps_every_linear_layer_and_keeps_weights_and_results(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    from model import GPT, GPTConfig
+
+    force_choice(monkeypatch, True, tmp_path)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16, vocab_multiple=64)).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        expected = model(idx)[0]
+    names = list(model.state_dict())
+    matmul.use_measured_matmuls(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 5 and all(type(m) is matmul.MeasuredLinear for m in linears)  # 4 in the block, the head
+    assert list(model.state_dict()) == names and model.lm_head.weight is model.transformer.wte.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], expected, rtol=0, atol=1e-5)

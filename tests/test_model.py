@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from core import hf
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.errors import UserError
 from core.pretrained import load_model
+from core.weights import our_layout
 from model import GPT, GPTConfig, KVCache
 from tests.data_paths import HF_TINY_GPT2
 from tests.stages import HANG_GUARD_SECONDS
@@ -154,11 +157,11 @@ def test_export_of_padded_vocab_model_drops_padding(tmp_path: Path) -> None:
     assert model.transformer.wte.weight.shape[0] == 128
     idx = random_tokens(config, batch=2)
     logits, _ = model(idx)
-    assert logits.shape == (2, 32, 100)
+    assert logits.shape == (2, 32, 128) and bool((logits[..., 100:] == float("-inf")).all())
     hf.export_hf(model, tmp_path)
     reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(idx).logits, logits, atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(reloaded(idx).logits, logits[..., :100], atol=TOLERANCE, rtol=0)
 
 
 def test_checkpoint_round_trip_keeps_logits_and_metadata(tmp_path: Path) -> None:
@@ -208,8 +211,9 @@ def test_loss_is_cross_entropy_over_real_vocab_ignoring_minus_one() -> None:
     targets = torch.tensor([[2, 3, -1, 5]])
     logits, no_loss = model(idx)
     no_logits, loss = model(idx, targets)
-    assert logits.shape == (1, 4, 10) and no_loss is None and no_logits is None
-    log_probs = logits[0].log_softmax(-1)  # over the 10 real tokens only
+    assert logits.shape == (1, 4, 64) and no_loss is None and no_logits is None
+    assert bool((logits[..., 10:] == float("-inf")).all())  # the padded ids
+    log_probs = logits[0, :, :10].log_softmax(-1)  # over the 10 real tokens only
     by_hand = -(log_probs[0, 2] + log_probs[1, 3] + log_probs[3, 5]) / 3
     torch.testing.assert_close(loss, by_hand)
 
@@ -230,10 +234,12 @@ def tiny_state_dict() -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     return config, dict(GPT(config).state_dict())
 
 
-def test_wrapper_prefixes_are_accepted(tiny_state_dict: tuple) -> None:
+def test_wrapper_prefixes_map_onto_our_layout(tiny_state_dict: tuple) -> None:
     config, state_dict = tiny_state_dict
     compiled = {f"_orig_mod.{k}": v for k, v in state_dict.items()}
-    model = GPT.from_state_dict(config, compiled)
+    with pytest.raises(UserError, match=r"unexpected keys: _orig_mod\."):  # the model takes our layout alone
+        GPT.from_state_dict(config, compiled)
+    model = GPT.from_state_dict(config, our_layout(compiled))
     assert torch.equal(model.transformer.h[1].mlp.c_fc.weight, state_dict["transformer.h.1.mlp.c_fc.weight"])
 
 
@@ -357,3 +363,86 @@ def test_unknown_spec_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="no such checkpoint file or folder"):  # a typo, not a hub name
         load_model("log/model_19072")
+
+
+# --- model.py as plain PyTorch -----------------------------------------------------------------------
+
+PURE_CORE_MODULES = ["core", "core.cross_entropy", "core.errors"]  # a loss function and an exception type
+
+
+def test_importing_the_model_loads_only_pure_core_modules() -> None:
+    script = "import json, sys, model; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'core')))"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            timeout=HANG_GUARD_SECONDS)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == PURE_CORE_MODULES
+
+
+def test_a_forward_and_backward_pass_writes_no_file(tmp_path: Path) -> None:
+    home, cache = tmp_path / "home", tmp_path / "cache"
+    home.mkdir()
+    cache.mkdir()
+    script = """
+import torch
+from model import GPT, GPTConfig
+model = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=32, vocab_multiple=64))
+idx = torch.randint(0, 300, (3, 32))
+model(idx, idx)[1].backward()
+with torch.no_grad():
+    model(idx[:, :5])
+    model(idx[:1, :1])
+"""
+    env = {key: value for key, value in os.environ.items() if key != "GPT2_TOOLKIT_MATMUL"}
+    env.update(HOME=str(home), GPT2_TOOLKIT_CACHE=str(cache), XDG_CACHE_HOME=str(cache))
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=HANG_GUARD_SECONDS)
+    assert result.returncode == 0, result.stderr
+    assert list(home.rglob("*")) == [] and list(cache.rglob("*")) == []
+
+
+class MatmulShapes(TorchDispatchMode):
+    """Records the output shape of every matrix product run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func: object, types: object, args: tuple = (), kwargs: dict | None = None) -> object:
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_the_head_multiplies_by_the_whole_padded_width(device: str) -> None:
+    """50,304 wide, as build-nanogpt's GPU recipe wants, in the logits and in the loss (on the meta device as
+    CUDA runs it; on the CPU, in the chunked loss), forward and backward."""
+    with torch.device(device):
+        model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=16, vocab_multiple=64))
+        idx = torch.randint(0, 50257, (2, 64))
+    recorder = MatmulShapes()
+    with recorder:
+        logits, _ = model(idx)
+        _, loss = model(idx, idx)
+        loss.backward()
+    assert logits.shape == (2, 64, 50304)
+    widths = {shape[-1] for shape in recorder.shapes}
+    assert 50304 in widths and 50257 not in widths
+    assert not any(shape[0] == 50257 for shape in recorder.shapes)  # nor the weight gradient's rows
+
+
+@pytest.mark.parametrize("vocab_multiple", [1, 64])
+def test_logits_and_loss_equal_hf_with_and_without_padding(vocab_multiple: int) -> None:
+    hf_model = make_hf_model(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    ours = GPT.from_state_dict(hf.config_from_hf(hf_model.config.to_dict()), hf.state_dict_from_hf(
+        hf_model.state_dict())).with_settings(vocab_multiple, dropout=0.0).eval()
+    assert ours.config.padded_vocab_size == (101 if vocab_multiple == 1 else 128)
+    idx = random_tokens(ours.config, batch=2, length=20)
+    with torch.no_grad():
+        expected = hf_model(idx, labels=idx)
+        logits, _ = ours(idx)
+        _, loss = ours(idx[:, :-1], idx[:, 1:])
+    torch.testing.assert_close(logits[..., :101], expected.logits, atol=TOLERANCE, rtol=0)
+    assert bool((logits[..., 101:] == float("-inf")).all())
+    torch.testing.assert_close(loss, expected.loss, atol=TOLERANCE, rtol=0)
