@@ -15,26 +15,23 @@ train, val and test accuracy after every epoch, as a table and in LOG_DIR/metric
 epoch by val accuracy is saved to LOG_DIR/best: one of our checkpoints (sample.py, hellaswag.py and
 export_hf.py read it) with its classifier in classifier.safetensors beside the weights.
 Every setting is a TOML key in --config and a flag (`max_lr` is --max-lr); see --help and configs/.
+SIGTERM or Ctrl-C stops at the end of the current step, keeping the best epoch so far in LOG_DIR/best.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from core.checkpoint import save_checkpoint
-from core.config import FinetuneConfig, config_from_argv, to_toml
-from core.devices import dtype_name, resolve_dtype
+from core.config import FinetuneConfig
 from core.distributed import Distributed, close_distributed, init_distributed
 from core.errors import UserError, exit_on_user_error
-from core.evaluation import evaluate, gather_results, summarize
+from core.evaluation import gather_results, score_examples, summarize
 from core.multiple_choice import (
     CLASSIFIER_FILE,
     ChoiceHead,
@@ -53,6 +50,7 @@ from core.multiple_choice import (
 from core.optim import linear_learning_rate, make_optimizer
 from core.pretrained import load_model_and_tokenizer
 from core.runlog import METRICS_FILE, RunLog
+from core.training import TrainingRun
 
 BEST_FOLDER = "best"
 
@@ -66,7 +64,7 @@ class Finetuner:
             print(f"note: {self.log_dir} holds an earlier run; its metrics and {BEST_FOLDER}/ are replaced")
         self.log = RunLog(self.log_dir, enabled=self.is_main)
         self.log.truncate_after(-1)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.run = TrainingRun(config, distributed, self.log)
         self.show_progress = self.is_main and (sys.stderr.isatty() if config.progress is None else config.progress)
         per_step = config.micro_batch_size * distributed.world_size
         if config.batch_size % per_step:
@@ -83,10 +81,7 @@ class Finetuner:
         torch.manual_seed(config.seed)
         head = ChoiceHead(model.config.n_embd, config.clf_dropout)
         self.model = MultipleChoiceModel(model, head).to(self.device).train()
-        self.train_model: torch.nn.Module = self.model
-        if distributed.world_size > 1:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.train_model = self.run.wrap(self.model)
         self.optimizer = make_optimizer(self.model, config.max_lr, config.weight_decay, (config.beta1, config.beta2),
                                         config.eps, self.device)
         block_size = model.config.block_size
@@ -129,8 +124,8 @@ class Finetuner:
             if not questions:
                 continue
             examples = zero_shot_examples(questions, self.tokenizer, model.config.block_size)
-            with self.autocast():
-                results = gather_results(evaluate(model, examples, self.config.eval_batch_size,
+            with self.run.autocast():
+                results = gather_results(score_examples(model, examples, self.config.eval_batch_size,
                                                   progress=self.show_progress, desc=f"zero-shot {name}"))
             scores[name] = summarize(results)
             self.log.record("zero_shot", 0, split=name, **scores[name])
@@ -140,10 +135,7 @@ class Finetuner:
 
     def _report_setup(self, num_params: int) -> None:
         config = self.config
-        resolved = {**config.to_dict(), "device": str(self.device), "dtype": dtype_name(self.dtype)}
-        if self.is_main:
-            (self.log_dir / "config.toml").write_text(to_toml(resolved))
-        self.log.print(to_toml(resolved).rstrip())
+        self.run.write_settings(config, self.log_dir)
         self.log.print(f"model: {num_params:,} parameters, tokenizer {self.tokenizer.name}, markers "
                        f"start/delimiter/extract = {self.markers.start}/{self.markers.delimiter}/"
                        f"{self.markers.extract}")
@@ -152,14 +144,12 @@ class Finetuner:
                        f"{config.micro_batch_size} x {self.distributed.world_size} process(es) x {self.accum} "
                        f"accumulation step(s); warmup {self.warmup_steps} of {self.max_steps} steps")
 
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
-
     # -- training ------------------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def train(self) -> None:
         config = self.config
         rows, best = [], None
+        self.run.stop_on_signals()
         bar = self.log.progress(total=self.max_steps, initial=0, enabled=config.progress)
         step = 0
         try:
@@ -174,6 +164,10 @@ class Finetuner:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", refresh=False)
+                    if self.run.stop_requested():
+                        saved = f"the best epoch so far is in {self.log_dir / BEST_FOLDER}" if best else "nothing saved"
+                        self.log.print(f"stopped at step {step} of epoch {epoch}: {saved}")
+                        return
                 row = self.evaluate(epoch, step, sum(losses) / len(losses))
                 rows.append(row)
                 # The first epoch of the best val accuracy; without a val set, the last epoch.
@@ -188,41 +182,31 @@ class Finetuner:
         """One optimizer step over a batch of questions, this rank's share in micro-batches; the mean loss."""
         config = self.config
         lr = linear_learning_rate(step, config.max_lr, self.warmup_steps, self.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         mine = batch[self.distributed.rank :: self.distributed.world_size]
-        totals = torch.zeros(3, device=self.device)  # joint, classifier and LM loss
-        for micro_step in range(self.accum):
-            micro_batch = mine[micro_step * config.micro_batch_size : (micro_step + 1) * config.micro_batch_size]
-            inputs = collate(micro_batch, self.device)
-            last = micro_step == self.accum - 1
-            # DDP decides in the forward pass whether the backward all-reduces: gradients sync once, on the last.
-            with self.train_model.no_sync() if not last and self.distributed.world_size > 1 else nullcontext():
-                with self.autocast():
-                    _, clf_loss, lm_loss = self.train_model(
-                        inputs["idx"], inputs["extract"], inputs["labels"],
-                        inputs["lm_targets"] if config.lm_coef > 0 else None)
-                    loss = joint_loss(clf_loss, lm_loss, config.lm_coef)
-                (loss / self.accum).backward()
-            totals += torch.stack([loss.detach(), clf_loss.detach(),
-                                   lm_loss.detach() if lm_loss is not None else torch.zeros((), device=self.device)])
-        totals /= self.accum
-        if self.distributed.world_size > 1:  # gloo has no AVG: sum, then divide
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-            totals /= self.distributed.world_size
-        loss_value, clf_value, lm_value = totals.tolist()
-        if not math.isfinite(loss_value):
-            raise UserError(f"the loss is {loss_value} at step {step}: stopping. Lower --max-lr or check the data")
-        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        lm = {"lm_loss": lm_value} if config.lm_coef > 0 else {}
-        self.log.record("train", step, loss=loss_value, clf_loss=clf_value, **lm, lr=lr, grad_norm=grad_norm)
+        size = config.micro_batch_size
+        micro_batches = (collate(mine[i * size : (i + 1) * size], self.device) for i in range(self.accum))
+        result = self.run.step(self.train_model, self.optimizer, lr, micro_batches, self.accum, self._loss,
+                               config.grad_clip, step, self._saved_best)
+        lm = {"lm_loss": result.parts["lm_loss"]} if config.lm_coef > 0 else {}
+        clf = result.parts["clf_loss"]
+        self.log.record("train", step, loss=result.loss, clf_loss=clf, **lm, lr=lr, grad_norm=result.grad_norm)
         if self.log.bar is None and (step % 10 == 0 or step == self.max_steps - 1):
-            self.log.print(f"step {step:5d} | loss {loss_value:.4f} | clf {clf_value:.4f}"
-                           + (f" | lm {lm_value:.4f}" if lm else "") + f" | lr {lr:.4e} | norm {grad_norm:.4f}")
-        return loss_value
+            self.log.print(f"step {step:5d} | loss {result.loss:.4f} | clf {clf:.4f}"
+                           + (f" | lm {lm['lm_loss']:.4f}" if lm else "") + f" | lr {lr:.4e} | norm "
+                           f"{result.grad_norm:.4f}")
+        return result.loss
+
+    def _saved_best(self) -> Path | None:
+        best = self.log_dir / BEST_FOLDER
+        return best if best.is_dir() else None
+
+    def _loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """GPT-1's joint loss of a micro-batch, and its classifier and LM parts."""
+        lm_coef = self.config.lm_coef
+        _, clf_loss, lm_loss = model(inputs["idx"], inputs["extract"], inputs["labels"],
+                                     inputs["lm_targets"] if lm_coef > 0 else None)
+        parts = {"clf_loss": clf_loss, **({"lm_loss": lm_loss} if lm_loss is not None else {})}
+        return joint_loss(clf_loss, lm_loss, lm_coef), parts
 
     # -- evaluation and checkpoints ------------------------------------------------------------------
 
@@ -232,7 +216,7 @@ class Finetuner:
         row: dict = {"epoch": epoch, "train_loss": train_loss}
         for name, encoded in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set)):
             if encoded:
-                with self.autocast():
+                with self.run.autocast():
                     row[f"{name}_acc"] = accuracy(self.model, encoded, self.config.eval_batch_size)
         self.log.record("epoch", step, **row)
         scores = ", ".join(f"{name} acc {row[f'{name}_acc']:.4f}" for name in ("train", "val", "test")
@@ -272,10 +256,10 @@ class Finetuner:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = config_from_argv(argv, __doc__, FinetuneConfig)
+    config = FinetuneConfig.from_argv(argv, __doc__)
     distributed = init_distributed(config.device)
     try:
-        Finetuner(config, distributed).run()
+        Finetuner(config, distributed).train()
     finally:
         close_distributed()
 

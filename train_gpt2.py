@@ -13,26 +13,26 @@ SIGTERM or Ctrl-C saves a checkpoint at the end of the current step and exits; a
 
 from __future__ import annotations
 
-import math
-import os
-import signal
-import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from core.checkpoint import save_checkpoint
-from core.config import TrainConfig, config_from_argv, grad_accum_steps, to_toml
+from core.config import TrainConfig, grad_accum_steps
 from core.data import TokenLoader, ValSet, shard_tokenizer
-from core.devices import dtype_name, resolve_dtype
 from core.distributed import Distributed, close_distributed, init_distributed
 from core.errors import UserError, exit_on_user_error
-from core.evaluation import Example, evaluate, gather_results, hellaswag_file_on_every_rank, read_hellaswag, summarize
+from core.evaluation import (
+    Example,
+    gather_results,
+    hellaswag_file_on_every_rank,
+    read_hellaswag,
+    score_examples,
+    summarize,
+)
 from core.generation import Sampling, fit_to_context, generate
 from core.mfu import flops_per_token, peak_flops
 from core.optim import learning_rate, make_optimizer
@@ -50,30 +50,12 @@ from core.resume import (
 from core.runlog import METRICS_FILE, RunLog
 from core.shards import list_shards
 from core.tokenizer import get_tokenizer
+from core.training import StepResult, TrainingRun
 from model import GPT, GPTConfig
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    return config_from_argv(argv, __doc__)
-
-
-class StopSignal:
-    """SIGTERM (a cluster preempting the job) or SIGINT ask for a checkpoint at the end of the current
-    step, then a clean exit; a second signal exits at once. The handler only sets a flag: saving from
-    inside it could catch the model mid-update (nanochat #432)."""
-
-    def __init__(self, log: RunLog) -> None:
-        self.requested = False
-        self.log = log
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            os._exit(128 + signum)
-        self.requested = True
-        self.log.print(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then exiting "
-                       "(send it again to exit at once)")
+    return TrainConfig.from_argv(argv, __doc__)
 
 
 class Trainer:
@@ -82,28 +64,23 @@ class Trainer:
         self.device, self.is_main = distributed.device, distributed.is_main
         self.log_dir = Path(config.log_dir)
         self.log = RunLog(self.log_dir, enabled=self.is_main, tensorboard=config.tensorboard)
-        self.dtype = resolve_dtype(config.dtype, self.device)  # after every override (nanoGPT #708)
-        self.compile = config.compile if config.compile is not None else self.device.type == "cuda"
-        if self.compile and sys.platform == "win32":
-            self.log.print("torch.compile is not supported on Windows: running eagerly")
-            self.compile = False
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls as TF32: the recipe's setting
-            torch.backends.cudnn.allow_tf32 = True
+        self.run = TrainingRun(config, distributed, self.log)
+        self.dtype = self.run.dtype
         self.accum = grad_accum_steps(config, distributed.world_size)
-        self.tokenizer = self._data_tokenizer()
-        self.encoding = get_tokenizer(self.tokenizer)
+        self.tokenizer_name = self._data_tokenizer()
+        self.tokenizer = get_tokenizer(self.tokenizer_name)
         # The MFU ceiling is measured (on a CPU) before any seeded draw, so that it moves no random state.
         self.peak = peak_flops(self.device, self.dtype, config.peak_flops) if self.is_main else None
 
         torch.manual_seed(config.seed)
         resume = self._find_resume_point()
         self.raw_model = self._build_model(resume)
-        self.train_model = self._wrap_model(self.raw_model)
+        self.train_model = self.run.wrap(self.raw_model)
         self.optimizer = make_optimizer(self.raw_model, config.max_lr, config.weight_decay,
                                         (config.beta1, config.beta2), config.eps, self.device)
-        self.loader = TokenLoader(config.data_dir, "train", config.micro_batch_size, config.seq_len, self.tokenizer,
-                                  distributed.rank, distributed.world_size, config.shuffle, config.seed)
+        self.loader = TokenLoader(config.data_dir, "train", config.micro_batch_size, config.seq_len,
+                                  self.tokenizer_name, distributed.rank, distributed.world_size, config.shuffle,
+                                  config.seed)
         self.val_set = self._val_set()
         self.examples = self._hellaswag_examples()
         self.flops_per_step = flops_per_token(self.raw_model, config.seq_len) * config.total_batch_size
@@ -155,32 +132,18 @@ class Trainer:
             model = GPT.from_state_dict(GPTConfig.from_dict(meta["config"]), weights)
         elif config.init_from:
             model, tokenizer = load_model(config.init_from)
-            if tokenizer != self.tokenizer:
+            if tokenizer != self.tokenizer_name:
                 raise UserError(f"{config.init_from} uses the {tokenizer!r} tokenizer but the shards in "
-                                f"{config.data_dir} were made with {self.tokenizer!r}")
+                                f"{config.data_dir} were made with {self.tokenizer_name!r}")
             model = model.with_settings(config.vocab_multiple, config.dropout)
         else:
-            model = GPT(GPTConfig(block_size=config.block_size, vocab_size=self.encoding.n_vocab,
-                                  n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-                                  dropout=config.dropout, vocab_multiple=config.vocab_multiple))
-        if model.config.vocab_size < self.encoding.n_vocab:
-            raise UserError(f"the model has {model.config.vocab_size} tokens, fewer than the {self.encoding.n_vocab} "
-                            f"of the shards' tokenizer {self.tokenizer}")
+            model = GPT(config.model_config(self.tokenizer.n_vocab))
+        if model.config.vocab_size < self.tokenizer.n_vocab:
+            raise UserError(f"the model has {model.config.vocab_size} tokens, fewer than the {self.tokenizer.n_vocab} "
+                            f"of the shards' tokenizer {self.tokenizer_name}")
         if config.seq_len > model.config.block_size:
             raise UserError(f"seq_len {config.seq_len} is longer than the model's block_size {model.config.block_size}")
         return model.to(self.device).train()
-
-    def _wrap_model(self, model: GPT) -> torch.nn.Module:
-        """The module that trains: compiled and/or DDP-wrapped. Evaluation, sampling and saving use the
-        raw model, which shares its weights: shape-changing eval never recompiles the compiled
-        module (build-nanogpt #79), and saved names never carry `_orig_mod.` or `module.`."""
-        wrapped: torch.nn.Module = model
-        if self.compile:
-            wrapped = torch.compile(wrapped, mode=self.config.compile_mode)
-        if self.distributed.world_size > 1:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(wrapped, device_ids=device_ids)
-        return wrapped
 
     def _val_set(self) -> ValSet | None:
         config = self.config
@@ -191,8 +154,8 @@ class Trainer:
         except UserError:
             self.log.print(f"no val shards in {config.data_dir}: val loss is off")
             return None
-        return ValSet(config.data_dir, config.micro_batch_size, config.seq_len, self.tokenizer, config.val_tokens,
-                      self.distributed.rank, self.distributed.world_size)
+        return ValSet(config.data_dir, config.micro_batch_size, config.seq_len, self.tokenizer_name,
+                      config.val_tokens, self.distributed.rank, self.distributed.world_size)
 
     def _hellaswag_examples(self) -> list[Example]:
         """The HellaSwag examples to score at every evaluation; none, with one line saying why, when the
@@ -205,7 +168,7 @@ class Trainer:
         except UserError as error:
             self.log.print(f"HellaSwag is off for this run: {error}")
             return []
-        examples = read_hellaswag(path, self.encoding, limit=config.hellaswag_examples)
+        examples = read_hellaswag(path, self.tokenizer, limit=config.hellaswag_examples)
         block = self.raw_model.config.block_size
         fitting = [e for e in examples if len(e.context) + max(map(len, e.endings)) <= block]
         if len(fitting) < len(examples):
@@ -230,77 +193,49 @@ class Trainer:
 
     def _report_setup(self) -> None:
         config, model = self.config, self.raw_model
-        resolved = {**config.to_dict(), "device": str(self.device), "dtype": dtype_name(self.dtype),
-                    "compile": self.compile}
-        if self.is_main:
-            (self.log_dir / "config.toml").write_text(to_toml(resolved))
-        self.log.print(to_toml(resolved).rstrip())
+        self.run.write_settings(config, self.log_dir)
         peak = f"{self.peak:.3g} FLOP/s per device" if self.peak else "unknown (set --peak-flops for MFU)"
         self.log.print(f"model: {model.num_params():,} parameters, vocab {model.config.vocab_size} "
-                       f"({model.config.padded_vocab_size} rows), tokenizer {self.tokenizer}")
+                       f"({model.config.padded_vocab_size} rows), tokenizer {self.tokenizer_name}")
         self.log.print(f"batch: {config.total_batch_size:,} tokens = {config.micro_batch_size} x {config.seq_len} x "
                        f"{self.distributed.world_size} process(es) x {self.accum} accumulation step(s); peak {peak}")
 
     # -- training ------------------------------------------------------------------------------------
 
-    def autocast(self) -> Any:
-        enabled = self.dtype == torch.bfloat16
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
-    def train_step(self) -> tuple[float, float, float]:
-        """One optimizer step over total_batch_size tokens: the mean loss, the gradient norm, the lr."""
+    def train_step(self) -> StepResult:
+        """One optimizer step over total_batch_size tokens."""
         config = self.config
         lr = learning_rate(self.step, config.max_lr, config.max_lr * config.min_lr_ratio, config.warmup_steps,
                            config.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        ddp = self.distributed.world_size > 1
-        loss_sum = torch.zeros((), device=self.device)
-        for micro_step in range(self.accum):
-            x, y = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
-            # DDP decides in the forward pass whether the backward all-reduces (build-nanogpt #30), so the
-            # switch wraps forward and backward: gradients sync once, on the last micro-step.
-            last = micro_step == self.accum - 1
-            with nullcontext() if last or not ddp else self.train_model.no_sync():
-                with self.autocast():
-                    _, loss = self.train_model(x, y)
-                # Divided by the micro-steps, the gradient is the whole batch's mean, and the clip
-                # threshold means the same whatever the accumulation (nanoGPT #168).
-                (loss / self.accum).backward()
-            loss_sum += loss.detach()
-        loss_mean = loss_sum / self.accum
-        if ddp:  # the loss of the whole batch, not rank 0's share (gloo has no AVG: sum, then divide)
-            dist.all_reduce(loss_mean, op=dist.ReduceOp.SUM)
-            loss_mean /= self.distributed.world_size
-        loss_value = loss_mean.item()
-        if not math.isfinite(loss_value):
-            newest = list_checkpoints(self.log_dir)
-            kept = f"the last good checkpoint is {newest[-1]}" if newest else "no checkpoint was written"
-            raise UserError(f"the loss is {loss_value} at step {self.step}: stopping before the update; {kept}. "
-                            "Lower --max-lr or check the data")
-        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm).item()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm, lr
+        micro_batches = (self.loader.next_batch() for _ in range(self.accum))
+        return self.run.step(self.train_model, self.optimizer, lr, micro_batches, self.accum, self._loss,
+                             config.grad_clip, self.step, self._last_checkpoint)
 
-    def run(self) -> None:
+    def _loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        return model(x, y)[1], {}
+
+    def _last_checkpoint(self) -> Path | None:
+        checkpoints = list_checkpoints(self.log_dir)
+        return checkpoints[-1] if checkpoints else None
+
+    def train(self) -> None:
         config = self.config
-        stop = StopSignal(self.log)
+        self.run.stop_on_signals()
         if self.step == 0:
             self.evaluate()
         bar = self.log.progress(total=config.max_steps, initial=self.step, enabled=config.progress)
         try:
             while self.step < config.max_steps:
                 started = time.perf_counter()
-                loss, grad_norm, lr = self.train_step()
+                result = self.train_step()
                 seconds = time.perf_counter() - started
-                self._report_step(loss, grad_norm, lr, seconds)
+                self._report_step(result, seconds)
                 self.step += 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                stopping = self._agree(stop.requested)
+                    bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
+                stopping = self.run.stop_requested()
                 if self.step % config.eval_interval == 0 or self.step == config.max_steps:
                     self.evaluate()
                 if self.step % config.checkpoint_interval == 0 or self.step == config.max_steps or stopping:
@@ -312,23 +247,16 @@ class Trainer:
             self.log.close()
         self.log.print(f"done: {self.step} steps" + (f", val loss {self.val_loss:.4f}" if self.val_loss else ""))
 
-    def _report_step(self, loss: float, grad_norm: float, lr: float, seconds: float) -> None:
+    def _report_step(self, result: StepResult, seconds: float) -> None:
         tokens_per_second = self.config.total_batch_size / seconds
         mfu = self.flops_per_step / seconds / (self.peak * self.distributed.world_size) if self.peak else None
-        self.log.record("train", self.step, loss=loss, lr=lr, grad_norm=grad_norm,
+        self.log.record("train", self.step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
                         tokens_per_second=tokens_per_second, mfu=mfu, ms=seconds * 1000)
         mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
         if self.log.bar is None or self.step % 10 == 0:
-            self.log.print(f"step {self.step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | "
-                           f"dt {seconds * 1000:.2f}ms | tok/sec {tokens_per_second:.2f}{mfu_text}")
-
-    def _agree(self, flag: bool) -> bool:
-        """True on every rank when any rank has it: all ranks stop at the same step, or the job hangs."""
-        if self.distributed.world_size == 1:
-            return flag
-        value = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+            self.log.print(f"step {self.step:5d} | loss {result.loss:.6f} | lr {result.lr:.4e} | norm "
+                           f"{result.grad_norm:.4f} | dt {seconds * 1000:.2f}ms | tok/sec {tokens_per_second:.2f}"
+                           f"{mfu_text}")
 
     # -- evaluation ----------------------------------------------------------------------------------
 
@@ -340,8 +268,8 @@ class Trainer:
             self.log.record("val", self.step, val_loss=self.val_loss)
             self.log.print(f"step {self.step:5d} | val loss {self.val_loss:.4f}")
         if self.examples:
-            with self.autocast():
-                results = gather_results(evaluate(self.raw_model, self.examples, progress=False))
+            with self.run.autocast():
+                results = gather_results(score_examples(self.raw_model, self.examples, progress=False))
             summary = summarize(results)
             self.log.record("hellaswag", self.step, **summary)
             self.log.print(f"step {self.step:5d} | HellaSwag acc_norm {summary['acc_norm']:.4f} "
@@ -360,7 +288,7 @@ class Trainer:
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)  # summed loss, tokens
         with self.raw_model.evaluating():
             for x, y in self.val_set.batches():
-                with self.autocast():
+                with self.run.autocast():
                     _, loss = self.raw_model(x.to(self.device), y.to(self.device))
                 totals[0] += loss.double() * y.numel()
                 totals[1] += y.numel()
@@ -370,11 +298,11 @@ class Trainer:
 
     def samples(self) -> list[str]:
         """A few continuations of the sample prompt, the same random draws at every evaluation."""
-        prompt = self.encoding.encode_ordinary(self.config.sample_prompt) or [self.encoding.eot_token]
+        prompt = self.tokenizer.encode_ordinary(self.config.sample_prompt) or [self.tokenizer.eot_token]
         prompt, new_tokens = fit_to_context(prompt, self.config.sample_tokens, self.raw_model.config.block_size)
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         rows = generate(self.raw_model, prompt, self.config.num_samples, new_tokens, Sampling(top_k=50), generator)
-        return [self.encoding.decode(prompt + row) for row in rows]
+        return [self.tokenizer.decode(prompt + row) for row in rows]
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
@@ -388,7 +316,7 @@ class Trainer:
         if self.is_main:
             trainer_state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                              "loader": self.loader.state_dict(), "rng": rng_states, "config": self.config.to_dict()}
-            folder = save_checkpoint(checkpoint_folder(self.log_dir, self.step), self.raw_model, self.tokenizer,
+            folder = save_checkpoint(checkpoint_folder(self.log_dir, self.step), self.raw_model, self.tokenizer_name,
                                      trainer_state=trainer_state, step=self.step, val_loss=self.val_loss)
             prune_checkpoints(self.log_dir, self.config.keep_checkpoints)
             self.log.print(f"saved {folder}")
@@ -400,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     distributed = init_distributed(config.device)
     try:
-        Trainer(config, distributed).run()
+        Trainer(config, distributed).train()
     finally:
         close_distributed()
 

@@ -1,7 +1,9 @@
 """The settings of a run: one flat dataclass per stage, read from TOML and overridden from the command line.
 
-`TrainConfig` is train_gpt2.py's (defaults: build-nanogpt's GPT-2 124M recipe on FineWeb-Edu 10B),
-`FinetuneConfig` finetune_mc.py's (defaults: GPT-1's Story Cloze recipe). Every field is a TOML key
+`Settings` is what every stage's settings share; `TrainConfig` is train_gpt2.py's (defaults:
+build-nanogpt's GPT-2 124M recipe on FineWeb-Edu 10B), `FinetuneConfig` finetune_mc.py's (defaults:
+GPT-1's Story Cloze recipe). Each checks itself (`check()`); the model's shape is checked by the
+model's own config (model.GPTConfig), never twice. Every field is a TOML key
 and a flag: `max_lr = 6e-4` in a file is `--max-lr 6e-4` on the command line, typed from the field.
 Unknown keys are refused by name, with the nearest known key suggested: a typo must never leave a
 setting silently at its default.
@@ -16,21 +18,154 @@ import math
 import sys
 import types
 import typing
-from collections.abc import Callable
-from dataclasses import Field, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
+from model import GPTConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10
     import tomli as tomllib
+if typing.TYPE_CHECKING:  # annotations only (they are never evaluated here): Python 3.10 has no Self
+    from typing import Self
+
+
+class Settings:
+    """A stage's settings: a dataclass whose every field is a TOML key and a flag. Subclasses add
+    `check()`, refusing what can never work."""
+
+    @classmethod
+    def from_argv(cls, argv: list[str] | None, description: str = "") -> Self:
+        """The settings of a command line: defaults, then --config FILE, then the flags given, then `check()`."""
+        parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        cls.add_arguments(parser)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            flag = next((item for item in unknown if item.startswith("--")), unknown[0])
+            raise cls.unknown_key(flag.removeprefix("--").split("=")[0].replace("-", "_"), "command line")
+        values = cls.read_toml(args.config) if args.config is not None else {}
+        for name in cls.field_names():
+            if hasattr(args, name):
+                values[name] = cls.coerce(name, getattr(args, name), "--" + name.replace("_", "-"))
+        return cls.from_values(values)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> Self:
+        """The settings of a TOML file alone (the defaults for what it leaves out), checked."""
+        return cls.from_values(cls.read_toml(path))
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> Self:
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Raise a UserError for settings that can never work."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [field.name for field in fields(cls)]
+
+    @classmethod
+    def read_toml(cls, path: Path) -> dict[str, Any]:
+        """A TOML file's values, each typed as its field; unknown keys refused by name."""
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except OSError as error:
+            raise UserError(f"cannot read config {path}: {error.strerror or error}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise UserError(f"{path} is not valid TOML: {error}") from None
+        for key, value in values.items():
+            if key not in cls.field_names():
+                raise cls.unknown_key(key, str(path))
+            if isinstance(value, dict):
+                raise UserError(f"{path}: [{key}] tables are not used; every setting is a top-level key")
+        return {key: cls.coerce(key, value, str(path)) for key, value in values.items()}
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """--config FILE, then one --some-key VALUE flag per field (a bool flag alone means true)."""
+        parser.add_argument("--config", type=Path, help="a TOML file of settings (see configs/); flags override it")
+        for field in fields(cls):
+            base, _ = cls.field_type(field.name)
+            default = "auto" if field.default is None else field.default
+            kind = {bool: "true/false", int: "int", float: "float", str: "text"}[base]
+            parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name,
+                                metavar=kind.upper() if base is not str else "TEXT",
+                                nargs="?" if base is bool else None, const="true" if base is bool else None,
+                                default=argparse.SUPPRESS, help=f"(default: {default})")
+
+    @classmethod
+    def field_type(cls, name: str) -> tuple[type, bool]:
+        """The base type of a field (bool, int, float or str) and whether it may be None."""
+        hint = typing.get_type_hints(cls)[name]
+        args = typing.get_args(hint)
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            return next(arg for arg in args if arg is not type(None)), type(None) in args
+        return hint, False
+
+    @classmethod
+    def unknown_key(cls, key: str, where: str) -> UserError:
+        close = difflib.get_close_matches(key, cls.field_names(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return UserError(f"{where}: unknown key {key!r}{hint}")
+
+    @classmethod
+    def coerce(cls, name: str, value: Any, where: str) -> Any:
+        """`value` (from TOML or a command-line string) as field `name`'s type, or a UserError."""
+        base, optional = cls.field_type(name)
+        if isinstance(value, str) and base is not str:
+            value = _parse_text(value, base, optional)
+        if value is None and optional:
+            return None
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if base is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if type(value) is not base:
+            raise UserError(f"{where}: {name} must be {'a ' + base.__name__ if base is not int else 'an int'}, "
+                            f"got {value!r}")
+        return value
+
+
+def _parse_text(text: str, base: type, optional: bool) -> Any:
+    lowered = text.strip().lower()
+    if optional and lowered in ("", "none", "auto"):
+        return None
+    if base is bool:
+        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(lowered, text)
+    try:
+        number = float(text.replace("_", ""))
+    except ValueError:
+        return text
+    return number if base is float or not number.is_integer() else int(number)
+
+
+def _require(config: Settings, at_least_one: tuple[str, ...] = (), not_negative: tuple[str, ...] = ()) -> None:
+    for name in at_least_one:
+        if getattr(config, name) < 1:
+            raise UserError(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name in not_negative:
+        if getattr(config, name) < 0:
+            raise UserError(f"{name} must not be negative, got {getattr(config, name)}")
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in ("auto", "bfloat16", "float32"):
+        raise UserError(f"dtype {dtype!r} cannot train here: choose auto, bfloat16 or float32 "
+                        "(float16 would need loss scaling)")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     # data and logs
     data_dir: str = "edu_fineweb10B"  # the folder `python fineweb.py` writes
     log_dir: str = "log"
@@ -79,12 +214,27 @@ class TrainConfig:
     plot: bool = True  # write log_dir/plot.png (losses, HellaSwag) at every evaluation
     progress: bool | None = None  # a progress bar; None: when stderr is a terminal
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def check(self) -> None:
+        _require(self, at_least_one=("total_batch_size", "micro_batch_size", "seq_len", "max_steps", "eval_interval",
+                                     "checkpoint_interval"),
+                 not_negative=("warmup_steps", "val_tokens", "hellaswag_examples", "keep_checkpoints", "num_samples",
+                               "sample_tokens", "weight_decay", "grad_clip", "peak_flops"))
+        self.model_config(vocab_size=1)  # the model's shape, checked where the model checks it
+        if not 0 < self.max_lr < math.inf or not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"max_lr must be positive and min_lr_ratio in [0, 1], got {self.max_lr}, "
+                            f"{self.min_lr_ratio}")
+        if self.seq_len > self.block_size:
+            raise UserError(f"seq_len {self.seq_len} is longer than block_size {self.block_size}")
+        _check_dtype(self.dtype)
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The shape of a model trained from scratch, for a tokenizer of `vocab_size` tokens."""
+        return GPTConfig(block_size=self.block_size, vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head,
+                         n_embd=self.n_embd, dropout=self.dropout, vocab_multiple=self.vocab_multiple)
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Settings):
     """finetune_mc.py: GPT-1's multiple-choice fine-tuning (Radford et al. 2018, section 4.1 and OpenAI's
     finetune-transformer-lm code), for Story Cloze CSVs and HellaSwag-format JSONL."""
 
@@ -119,166 +269,27 @@ class FinetuneConfig:
     seed: int = 42
     device: str = "auto"
     dtype: str = "auto"  # auto (bfloat16 where native, else float32), bfloat16, float32
+    compile: bool | None = None  # None: on for CUDA, off elsewhere
+    compile_mode: str = "default"  # torch.compile mode
     progress: bool | None = None  # a progress bar; None: when stderr is a terminal
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-ConfigClass = type[TrainConfig] | type[FinetuneConfig]
-
-
-def fields_of(config_class: ConfigClass) -> dict[str, Field]:
-    return {field.name: field for field in fields(config_class)}
-
-
-
-def field_type(name: str, config_class: ConfigClass = TrainConfig) -> tuple[type, bool]:
-    """The base type of a field (bool, int, float or str) and whether it may be None."""
-    hint = typing.get_type_hints(config_class)[name]
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return next(arg for arg in args if arg is not type(None)), type(None) in args
-    return hint, False
-
-
-def unknown_key_error(key: str, where: str, config_class: ConfigClass = TrainConfig) -> UserError:
-    close = difflib.get_close_matches(key, fields_of(config_class), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return UserError(f"{where}: unknown key {key!r}{hint}")
-
-
-def coerce(name: str, value: Any, where: str, config_class: ConfigClass = TrainConfig) -> Any:
-    """`value` (from TOML or a command-line string) as field `name`'s type, or a UserError."""
-    base, optional = field_type(name, config_class)
-    if isinstance(value, str) and base is not str:
-        value = parse_text(value, base, optional)
-    if value is None and optional:
-        return None
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if base is int and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if type(value) is not base:
-        raise UserError(f"{where}: {name} must be {'a ' + base.__name__ if base is not int else 'an int'}, "
-                        f"got {value!r}")
-    return value
-
-
-def parse_text(text: str, base: type, optional: bool) -> Any:
-    lowered = text.strip().lower()
-    if optional and lowered in ("", "none", "auto"):
-        return None
-    if base is bool:
-        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(lowered, text)
-    try:
-        number = float(text.replace("_", ""))
-    except ValueError:
-        return text
-    return number if base is float or not number.is_integer() else int(number)
-
-
-def read_toml(path: Path, config_class: ConfigClass = TrainConfig) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
-    except OSError as error:
-        raise UserError(f"cannot read config {path}: {error.strerror or error}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(f"{path} is not valid TOML: {error}") from None
-    known = fields_of(config_class)
-    for key, value in values.items():
-        if key not in known:
-            raise unknown_key_error(key, str(path), config_class)
-        if isinstance(value, dict):
-            raise UserError(f"{path}: [{key}] tables are not used; every setting is a top-level key")
-    return values
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, config_class: ConfigClass = TrainConfig) -> None:
-    """--config FILE, then one --some-key VALUE flag per field (a bool flag alone means true)."""
-    parser.add_argument("--config", type=Path, help="a TOML file of settings (see configs/); flags override it")
-    for name, field in fields_of(config_class).items():
-        base, _ = field_type(name, config_class)
-        flag = "--" + name.replace("_", "-")
-        default = "auto" if field.default is None else field.default
-        kind = {bool: "true/false", int: "int", float: "float", str: "text"}[base]
-        parser.add_argument(flag, dest=name, metavar=kind.upper() if base is not str else "TEXT",
-                            nargs="?" if base is bool else None, const="true" if base is bool else None,
-                            default=argparse.SUPPRESS, help=f"(default: {default})")
-
-
-def resolve_config(args: argparse.Namespace, config_class: ConfigClass = TrainConfig) -> Any:
-    """Defaults, then the TOML file, then the flags that were given; then the class's checks."""
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None) is not None:
-        values.update({key: coerce(key, value, str(args.config), config_class)
-                       for key, value in read_toml(args.config, config_class).items()})
-    for name in fields_of(config_class):
-        if hasattr(args, name):
-            values[name] = coerce(name, getattr(args, name), "--" + name.replace("_", "-"), config_class)
-    config = config_class(**values)
-    CHECKS[config_class](config)
-    return config
-
-
-def config_from_argv(argv: list[str] | None, description: str, config_class: ConfigClass = TrainConfig) -> Any:
-    """A stage's settings from its command line: --config FILE and one flag per field."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, config_class)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flag = next((item for item in unknown if item.startswith("--")), unknown[0])
-        raise unknown_key_error(flag.removeprefix("--").split("=")[0].replace("-", "_"), "command line", config_class)
-    return resolve_config(args, config_class)
-
-
-def check_config(config: TrainConfig) -> None:
-    """Settings that can never work, refused before anything runs."""
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_multiple", "total_batch_size",
-                 "micro_batch_size", "seq_len", "max_steps", "eval_interval", "checkpoint_interval"):
-        if getattr(config, name) < 1:
-            raise UserError(f"{name} must be at least 1, got {getattr(config, name)}")
-    for name in ("warmup_steps", "val_tokens", "hellaswag_examples", "keep_checkpoints", "num_samples",
-                 "sample_tokens", "weight_decay", "grad_clip", "peak_flops"):
-        if getattr(config, name) < 0:
-            raise UserError(f"{name} must not be negative, got {getattr(config, name)}")
-    if not 0 < config.max_lr < math.inf or not 0 <= config.min_lr_ratio <= 1:
-        raise UserError(f"max_lr must be positive and min_lr_ratio in [0, 1], got {config.max_lr}, "
-                        f"{config.min_lr_ratio}")
-    if config.n_embd % config.n_head:
-        raise UserError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
-    if config.seq_len > config.block_size:
-        raise UserError(f"seq_len {config.seq_len} is longer than block_size {config.block_size}")
-    if config.dtype not in ("auto", "bfloat16", "float32"):
-        raise UserError(f"dtype {config.dtype!r} cannot train here: choose auto, bfloat16 or float32 "
-                        "(float16 would need loss scaling)")
-
-
-def check_finetune_config(config: FinetuneConfig) -> None:
-    """Fine-tuning settings that can never work, refused before anything runs."""
-    if not config.train_data:
-        raise UserError("train_data is not set: give a Story Cloze .csv or a HellaSwag-format .jsonl of labelled "
-                        "examples (--train-data PATH)")
-    for name in ("epochs", "batch_size", "micro_batch_size", "eval_batch_size"):
-        if getattr(config, name) < 1:
-            raise UserError(f"{name} must be at least 1, got {getattr(config, name)}")
-    for name in ("val_examples", "max_train_examples", "max_test_examples", "weight_decay", "grad_clip", "lm_coef"):
-        if getattr(config, name) < 0:
-            raise UserError(f"{name} must not be negative, got {getattr(config, name)}")
-    if not 0 < config.max_lr < math.inf or not 0 <= config.warmup_fraction <= 1:
-        raise UserError(f"max_lr must be positive and warmup_fraction in [0, 1], got {config.max_lr}, "
-                        f"{config.warmup_fraction}")
-    for name in ("dropout", "clf_dropout"):
-        if not 0 <= getattr(config, name) < 1:
-            raise UserError(f"{name} must be in [0, 1), got {getattr(config, name)}")
-    if config.markers not in ("new", "eot"):
-        raise UserError(f"markers must be 'new' (new embedding rows) or 'eot' (<|endoftext|>), got {config.markers!r}")
-    if config.dtype not in ("auto", "bfloat16", "float32"):
-        raise UserError(f"dtype {config.dtype!r} cannot train here: choose auto, bfloat16 or float32")
-
-
-CHECKS: dict[ConfigClass, Callable[[Any], None]] = {TrainConfig: check_config, FinetuneConfig: check_finetune_config}
+    def check(self) -> None:
+        if not self.train_data:
+            raise UserError("train_data is not set: give a Story Cloze .csv or a HellaSwag-format .jsonl of labelled "
+                            "examples (--train-data PATH)")
+        _require(self, at_least_one=("epochs", "batch_size", "micro_batch_size", "eval_batch_size"),
+                 not_negative=("val_examples", "max_train_examples", "max_test_examples", "weight_decay", "grad_clip",
+                               "lm_coef"))
+        if not 0 < self.max_lr < math.inf or not 0 <= self.warmup_fraction <= 1:
+            raise UserError(f"max_lr must be positive and warmup_fraction in [0, 1], got {self.max_lr}, "
+                            f"{self.warmup_fraction}")
+        for name in ("dropout", "clf_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.markers not in ("new", "eot"):
+            raise UserError(f"markers must be 'new' (new embedding rows) or 'eot' (<|endoftext|>), got "
+                            f"{self.markers!r}")
+        _check_dtype(self.dtype)
 
 
 def grad_accum_steps(config: TrainConfig, world_size: int) -> int:

@@ -13,7 +13,7 @@ import torch
 import train_gpt2
 from core import devices
 from core.checkpoint import save_checkpoint
-from core.config import read_toml
+from core.config import TrainConfig
 from core.devices import resolve_device, resolve_dtype
 from core.errors import UserError
 from core.shards import shard_path, write_shard
@@ -104,4 +104,4 @@ def test_what_dtype_auto_picks_in_each_stage(native: bool, tmp_path: Path, monke
                      "--n-head", "2", "--n-embd", "16", "--block-size", "32", "--seq-len", "32", "--micro-batch-size",
                      "2", "--total-batch-size", "64", "--max-steps", "1", "--val-tokens", "0", "--hellaswag-examples",
                      "0", "--num-samples", "0", "--progress", "false"])
-    assert read_toml(tmp_path / "log" / "config.toml")["dtype"] == "float32"
+    assert TrainConfig.read_toml(tmp_path / "log" / "config.toml")["dtype"] == "float32"

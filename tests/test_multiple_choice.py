@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2DoubleHeadsModel, OpenAIGPTConfig, Open
 
 from core import hf
 from core.checkpoint import read_meta, save_checkpoint
-from core.config import FinetuneConfig, config_from_argv
+from core.config import FinetuneConfig
 from core.errors import UserError
 from core.multiple_choice import (
     CLASSIFIER_FILE,
@@ -291,9 +291,9 @@ def test_finetuning_gpt1_with_the_lm_loss(tmp_path: Path, monkeypatch: pytest.Mo
 @pytest.mark.parametrize("name, model", [("storycloze_gpt1", "openai-gpt"), ("storycloze_gpt2", "gpt2")])
 def test_story_cloze_configs_carry_the_papers_settings(name: str, model: str) -> None:
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
-    config = config_from_argv(["--config", str(path)], "", FinetuneConfig)
+    config = FinetuneConfig.from_argv(["--config", str(path)])
     assert config.init_from == model
     assert (config.max_lr, config.batch_size, config.epochs, config.lm_coef, config.warmup_fraction,
             config.clf_dropout, config.val_examples) == (6.25e-5, 32, 3, 0.5, 0.002, 0.1, 374)
     with pytest.raises(UserError, match="unknown key 'lm_coeff'; did you mean 'lm_coef'"):
-        config_from_argv(["--config", str(path), "--lm-coeff", "1"], "", FinetuneConfig)
+        FinetuneConfig.from_argv(["--config", str(path), "--lm-coeff", "1"])

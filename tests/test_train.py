@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import fineweb
 import train_gpt2
 from core.checkpoint import save_checkpoint
-from core.config import FinetuneConfig, TrainConfig, read_toml
+from core.config import FinetuneConfig, TrainConfig
 from core.data import TokenLoader, ValSet
 from core.errors import UserError
 from core.optim import decay_groups, learning_rate
@@ -115,9 +115,9 @@ def test_toml_and_flags_make_the_config(tmp_path: Path) -> None:
     assert train_gpt2.parse_config([]) == TrainConfig()  # the defaults: build-nanogpt's recipe
     for shipped in sorted((ROOT / "configs").glob("*.toml")):  # every shipped config names only known keys,
         try:  # of train_gpt2.py's settings or of finetune_mc.py's
-            read_toml(shipped)
+            TrainConfig.read_toml(shipped)
         except UserError:
-            read_toml(shipped, FinetuneConfig)
+            FinetuneConfig.read_toml(shipped)
 
 
 @pytest.mark.parametrize(("argv", "toml", "message"), [

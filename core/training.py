@@ -1,0 +1,162 @@
+"""What every trainer shares: the run's set-up (device, dtype, TF32, compile then DDP, config.toml,
+stopping on SIGTERM and SIGINT) and the one optimizer step that train_gpt2.py and finetune_mc.py
+both take.
+
+An optimizer step, as build-nanogpt takes it: set the lr; for each micro-batch, forward and backward
+under `no_sync` but on the last (DDP decides in the forward pass whether the backward all-reduces,
+build-nanogpt #30), the loss divided by the number of micro-batches (so that the gradient is the
+batch's mean and the clip threshold means the same whatever the accumulation, nanoGPT #168); the
+loss all-reduced across ranks (logged from rank 0, it would be rank 0's share alone); a guard
+against a non-finite loss before any update; clipping; the update.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from core.config import to_toml
+from core.devices import dtype_name, resolve_dtype
+from core.distributed import Distributed
+from core.errors import UserError
+from core.runlog import RunLog
+
+# A micro-batch's loss to minimise, and the parts worth logging apart (finetune_mc.py's classifier and
+# LM losses), from the training module and one micro-batch.
+LossFunction = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # the batch's mean loss, over every rank
+    parts: dict[str, float]  # the means of the loss function's parts, likewise
+    grad_norm: float  # before clipping
+    lr: float
+
+
+class TrainingRun:
+    """The machine side of a training run, the same for every trainer: the device and dtype, TF32 on
+    CUDA, the training module (compiled, then DDP-wrapped), autocast, the resolved settings written
+    to LOG_DIR/config.toml, and SIGTERM / SIGINT turned into a request to stop at a step boundary."""
+
+    def __init__(self, settings: Any, distributed: Distributed, log: RunLog) -> None:
+        self.distributed, self.log = distributed, log
+        self.device = distributed.device
+        self.dtype = resolve_dtype(settings.dtype, self.device)  # after every override (nanoGPT #708)
+        self.compile = settings.compile if settings.compile is not None else self.device.type == "cuda"
+        self.compile_mode = settings.compile_mode
+        if self.compile and sys.platform == "win32":
+            log.print("torch.compile is not supported on Windows: running eagerly")
+            self.compile = False
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls as TF32: the recipes' setting
+            torch.backends.cudnn.allow_tf32 = True
+        self.stop: StopSignal | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.distributed.world_size
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module that trains: compiled, then DDP-wrapped. Evaluation, sampling and saving use the
+        raw model, which shares its weights: shape-changing eval never recompiles the compiled module
+        (build-nanogpt #79), and saved names never carry `_orig_mod.` or `module.`."""
+        wrapped = model
+        if self.compile:
+            wrapped = torch.compile(wrapped, mode=self.compile_mode)
+        if self.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(wrapped, device_ids=device_ids)
+        return wrapped
+
+    def autocast(self) -> torch.autocast:
+        """bfloat16 autocast over float32 weights when the run's dtype is bfloat16; a no-op otherwise."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+
+    def write_settings(self, settings: Any, log_dir: Path) -> None:
+        """LOG_DIR/config.toml: the settings as this run resolved them (device, dtype, compile), printed too."""
+        resolved = {**settings.to_dict(), "device": str(self.device), "dtype": dtype_name(self.dtype),
+                    "compile": self.compile}
+        if self.distributed.is_main:
+            (log_dir / "config.toml").write_text(to_toml(resolved))
+        self.log.print(to_toml(resolved).rstrip())
+
+    def stop_on_signals(self) -> None:
+        """From now on (the training loop), SIGTERM and SIGINT ask to stop at the end of the step."""
+        self.stop = StopSignal(self.log)
+
+    def stop_requested(self) -> bool:
+        """Whether a signal asked to stop, agreed on by every rank: all stop at the same step, or the job hangs."""
+        return self.agree(self.stop is not None and self.stop.requested)
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank when any rank has it."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def step(self, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float,
+             micro_batches: Iterable[Any], accum: int, loss_function: LossFunction, grad_clip: float,
+             step: int, last_checkpoint: Callable[[], Path | None]) -> StepResult:
+        """One optimizer step over `accum` micro-batches (see the module's docstring). A non-finite
+        loss stops the run before the update, naming `last_checkpoint()`."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        totals, names = None, []
+        for micro_step, batch in enumerate(micro_batches):
+            last = micro_step == accum - 1
+            with nullcontext() if last or self.world_size == 1 else train_model.no_sync():
+                with self.autocast():
+                    loss, parts = loss_function(train_model, batch)
+                (loss / accum).backward()
+            names = list(parts)
+            values = torch.stack([loss.detach().float(), *(part.detach().float() for part in parts.values())])
+            totals = values if totals is None else totals + values
+        totals /= accum
+        if self.world_size > 1:  # gloo has no AVG: sum, then divide (build-nanogpt #4)
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+            totals /= self.world_size
+        loss_value, *part_values = totals.tolist()
+        if not math.isfinite(loss_value):
+            saved = last_checkpoint()
+            kept = f"the last good checkpoint is {saved}" if saved else "no checkpoint was written"
+            raise UserError(f"the loss is {loss_value} at step {step}: stopping before the update; {kept}. "
+                            "Lower --max-lr or check the data")
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        max_norm = grad_clip if grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_value, dict(zip(names, part_values, strict=True)), grad_norm, lr)
+
+
+class StopSignal:
+    """SIGTERM (a cluster preempting the job) or SIGINT ask for a checkpoint at the end of the current
+    step, then a clean exit; a second signal exits at once. The handler only sets a flag: saving from
+    inside it could catch the model mid-update (nanochat #432)."""
+
+    def __init__(self, log: RunLog) -> None:
+        self.requested = False
+        self.log = log
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = True
+        self.log.print(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then exiting "
+                       "(send it again to exit at once)")
