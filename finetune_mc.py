@@ -15,7 +15,8 @@ train, val and test accuracy after every epoch, as a table and in LOG_DIR/metric
 epoch by val accuracy is saved to LOG_DIR/best: one of our checkpoints (sample.py, hellaswag.py and
 export_hf.py read it) with its classifier in classifier.safetensors beside the weights.
 Every setting is a TOML key in --config and a flag (`max_lr` is --max-lr); see --help and configs/.
-SIGTERM or Ctrl-C stops at the end of the current step, keeping the best epoch so far in LOG_DIR/best.
+A checkpoint at the end of every epoch (LOG_DIR/checkpoints/) lets a re-run continue (--resume auto, the
+default); SIGTERM or Ctrl-C saves one at the end of the current step and exits.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch.distributed as dist
 
 from core.checkpoint import save_checkpoint
 from core.config import FinetuneConfig
-from core.distributed import Distributed, close_distributed, init_distributed
+from core.distributed import Distributed, distributed_run
 from core.errors import UserError, exit_on_user_error
 from core.evaluation import gather_results, score_examples, summarize
 from core.multiple_choice import (
@@ -43,14 +44,16 @@ from core.multiple_choice import (
     collate,
     encode_questions,
     joint_loss,
+    load_multiple_choice_model,
     read_questions,
     split_off,
     zero_shot_examples,
 )
 from core.optim import linear_learning_rate, make_optimizer
 from core.pretrained import load_model_and_tokenizer
-from core.runlog import METRICS_FILE, RunLog
+from core.runlog import RunLog
 from core.training import TrainingRun
+from model import GPT
 
 BEST_FOLDER = "best"
 
@@ -60,11 +63,11 @@ class Finetuner:
         self.config, self.distributed = config, distributed
         self.device, self.is_main = distributed.device, distributed.is_main
         self.log_dir = Path(config.log_dir)
-        if self.is_main and (self.log_dir / METRICS_FILE).exists():
-            print(f"note: {self.log_dir} holds an earlier run; its metrics and {BEST_FOLDER}/ are replaced")
         self.log = RunLog(self.log_dir, enabled=self.is_main)
-        self.log.truncate_after(-1)
         self.run = TrainingRun(config, distributed, self.log)
+        resume = self.run.find_resume_point(self.log_dir, config.resume)
+        if resume is None:
+            self.log.truncate_after(-1)  # a run that never reached a checkpoint starts over
         self.show_progress = self.is_main and (sys.stderr.isatty() if config.progress is None else config.progress)
         per_step = config.micro_batch_size * distributed.world_size
         if config.batch_size % per_step:
@@ -73,13 +76,7 @@ class Finetuner:
         self.accum = config.batch_size // per_step
 
         self.train_questions, self.val_questions, self.test_questions = self._questions()
-        model, self.tokenizer = load_model_and_tokenizer(config.init_from)
-        self.zero_shot = self._zero_shot(model) if config.zero_shot else {}
-        generator = torch.Generator().manual_seed(config.seed)
-        model, self.tokenizer, self.markers = add_markers(model, self.tokenizer, config.markers, generator)
-        model = model.with_settings(model.config.vocab_multiple, config.dropout)
-        torch.manual_seed(config.seed)
-        head = ChoiceHead(model.config.n_embd, config.clf_dropout)
+        model, head = self._build_model(resume)
         self.model = MultipleChoiceModel(model, head).to(self.device).train()
         self.train_model = self.run.wrap(self.model)
         self.optimizer = make_optimizer(self.model, config.max_lr, config.weight_decay, (config.beta1, config.beta2),
@@ -94,10 +91,40 @@ class Finetuner:
             raise UserError(f"{len(self.train_set)} training questions are fewer than one batch of {config.batch_size}")
         self.max_steps = config.epochs * self.steps_per_epoch
         self.warmup_steps = max(1, round(config.warmup_fraction * self.max_steps)) if config.warmup_fraction else 0
+        self.step, self.rows, self.best, self.epoch_losses = 0, [], None, []
         torch.manual_seed(config.seed + distributed.rank)  # dropout masks differ between ranks
+        if resume is not None:
+            self._restore(*resume)
         self._report_setup(model.num_params())
 
     # -- setup ---------------------------------------------------------------------------------------
+
+    def _build_model(self, resume: tuple[Path, tuple] | None) -> tuple[GPT, ChoiceHead]:
+        """The LM with its marker tokens and the classifier: from init_from, the markers and the head
+        drawn from the seed, or as a checkpoint of this run holds them (with its tokenizer and markers)."""
+        config = self.config
+        if resume is not None:
+            loaded, self.tokenizer, self.markers = load_multiple_choice_model(resume[0])
+            model, head = loaded.gpt, ChoiceHead(loaded.gpt.config.n_embd, config.clf_dropout)
+            head.load_state_dict(loaded.head.state_dict())
+            self.zero_shot = resume[1][1]["zero_shot"]
+        else:
+            model, self.tokenizer = load_model_and_tokenizer(config.init_from)
+            self.zero_shot = self._zero_shot(model) if config.zero_shot else {}
+            generator = torch.Generator().manual_seed(config.seed)
+            model, self.tokenizer, self.markers = add_markers(model, self.tokenizer, config.markers, generator)
+            torch.manual_seed(config.seed)
+            head = ChoiceHead(model.config.n_embd, config.clf_dropout)
+        return model.with_settings(model.config.vocab_multiple, config.dropout), head
+
+    def _restore(self, folder: Path, checkpoint: tuple) -> None:
+        _, trainer_state, _ = checkpoint
+        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        self.step, self.rows, self.best = trainer_state["step"], trainer_state["rows"], trainer_state["best"]
+        self.epoch_losses = trainer_state["epoch_losses"]
+        self.run.restore_rng(trainer_state["rng"])
+        self.log.truncate_after(self.step)
+        self.log.print(f"resuming from {folder} at step {self.step}")
 
     def _questions(self) -> tuple[list[Question], list[Question], list[Question]]:
         config = self.config
@@ -148,35 +175,45 @@ class Finetuner:
 
     def train(self) -> None:
         config = self.config
-        rows, best = [], None
+        if self.step == self.max_steps:
+            self.log.print(f"{self.log_dir}: complete already, nothing to do")
+            self.report(record=False)
+            return
         self.run.stop_on_signals()
-        bar = self.log.progress(total=self.max_steps, initial=0, enabled=config.progress)
-        step = 0
+        bar = self.log.progress(total=self.max_steps, initial=self.step, enabled=config.progress)
         try:
-            for epoch in range(1, config.epochs + 1):
+            while self.step < self.max_steps:
+                epoch, index = divmod(self.step, self.steps_per_epoch)
+                epoch += 1
                 shuffle = torch.Generator().manual_seed(config.seed + epoch)  # the same order on every rank
-                order = torch.randperm(len(self.train_set), generator=shuffle)
-                losses = []
-                for batch_start in range(0, self.steps_per_epoch * config.batch_size, config.batch_size):
-                    batch = [self.train_set[i] for i in order[batch_start : batch_start + config.batch_size]]
-                    losses.append(self.train_step(step, batch))
-                    step += 1
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", refresh=False)
-                    if self.run.stop_requested():
-                        saved = f"the best epoch so far is in {self.log_dir / BEST_FOLDER}" if best else "nothing saved"
-                        self.log.print(f"stopped at step {step} of epoch {epoch}: {saved}")
-                        return
-                row = self.evaluate(epoch, step, sum(losses) / len(losses))
-                rows.append(row)
-                # The first epoch of the best val accuracy; without a val set, the last epoch.
-                if best is None or not self.val_set or row["val_acc"] > best["val_acc"]:
-                    best = row
-                    self.save(row)
+                order = torch.randperm(len(self.train_set), generator=shuffle)[index * config.batch_size:]
+                batch = [self.train_set[i] for i in order[: config.batch_size]]
+                self.epoch_losses.append(self.train_step(self.step, batch))
+                self.step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f"{self.epoch_losses[-1]:.4f}", refresh=False)
+                stopping = self.run.stop_requested()
+                if self.step % self.steps_per_epoch == 0:
+                    self.end_epoch(epoch)
+                if self.step % self.steps_per_epoch == 0 or stopping:
+                    self.save()
+                if stopping:
+                    self.log.print(f"stopped at step {self.step} of epoch {epoch}; continue with --resume auto")
+                    return
         finally:
             self.log.close()
-        self.report(rows, best)
+        self.report()
+
+    def end_epoch(self, epoch: int) -> None:
+        """Accuracy on every split; LOG_DIR/best replaced when this epoch is the best so far."""
+        row = self.evaluate(epoch, self.step, sum(self.epoch_losses) / len(self.epoch_losses))
+        self.rows.append(row)
+        self.epoch_losses = []
+        # The first epoch of the best val accuracy; without a val set, the last epoch.
+        if self.best is None or not self.val_set or row["val_acc"] > self.best["val_acc"]:
+            self.best = row
+            self.save_best(row)
 
     def train_step(self, step: int, batch: list[Encoded]) -> float:
         """One optimizer step over a batch of questions, this rank's share in micro-batches; the mean loss."""
@@ -225,7 +262,16 @@ class Finetuner:
                        f"({time.perf_counter() - started:.1f}s)")
         return row
 
-    def save(self, row: dict) -> None:
+    def save(self) -> None:
+        """A checkpoint to resume from (LOG_DIR/checkpoints/step_NNNNNN, only the newest kept): the model
+        as LOG_DIR/best holds it, and the optimizer, the epochs so far and every rank's random states."""
+        trainer_state = {"optimizer": self.optimizer.state_dict(), "rows": self.rows, "best": self.best,
+                         "epoch_losses": self.epoch_losses, "zero_shot": self.zero_shot,
+                         "config": self.config.to_dict()}
+        self.run.save(self.log_dir, self.step, self.model.gpt, self.tokenizer, trainer_state, keep=1,
+                      extra_weights={CLASSIFIER_FILE: self.model.head.state_dict()}, markers=vars(self.markers))
+
+    def save_best(self, row: dict) -> None:
         """LOG_DIR/best: the LM with its marker tokens, and the classifier beside it."""
         if self.is_main:
             folder = save_checkpoint(self.log_dir / BEST_FOLDER, self.model.gpt, self.tokenizer,
@@ -235,8 +281,9 @@ class Finetuner:
         if self.distributed.world_size > 1:
             dist.barrier()
 
-    def report(self, rows: list[dict], best: dict) -> None:
+    def report(self, record: bool = True) -> None:
         """The table of every epoch, the zero-shot row first, and the summary record."""
+        rows, best = self.rows, self.best
         def cell(value: float | None) -> str:
             return f"{value:.4f}" if value is not None else "-"
 
@@ -250,6 +297,8 @@ class Finetuner:
         self.log.print("\n".join(lines))
         self.log.print(f"best epoch by val accuracy: {best['epoch']} (val {cell(best.get('val_acc'))}, test "
                        f"{cell(best.get('test_acc'))}), saved in {self.log_dir / BEST_FOLDER}")
+        if not record:
+            return
         zero_shot = {f"zero_shot_{name}_acc": scores["acc"] for name, scores in self.zero_shot.items()}
         self.log.record("summary", self.max_steps, best_epoch=best["epoch"], best_val_acc=best.get("val_acc"),
                         best_test_acc=best.get("test_acc"), **zero_shot)
@@ -257,11 +306,8 @@ class Finetuner:
 
 def main(argv: list[str] | None = None) -> None:
     config = FinetuneConfig.from_argv(argv, __doc__)
-    distributed = init_distributed(config.device)
-    try:
+    with distributed_run(config.device) as distributed:
         Finetuner(config, distributed).train()
-    finally:
-        close_distributed()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from core.devices import dtype_name, resolve_dtype
-from core.distributed import close_distributed, init_distributed
+from core.distributed import distributed_run
 from core.errors import exit_on_user_error
 from core.evaluation import (
     gather_results,
@@ -46,8 +46,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    distributed = init_distributed(args.device)
-    try:
+    with distributed_run(args.device) as distributed:
         model, tokenizer = load_model_and_tokenizer(args.model, device=distributed.device,
                                                    dtype=resolve_dtype(args.dtype, distributed.device))
         use_measured_matmuls(model)
@@ -63,8 +62,6 @@ def main() -> None:
             print(json.dumps({"model": args.model, "device": str(model.device), "dtype": dtype_name(model.dtype),
                               **summary, "seconds": round(elapsed, 2),
                               "examples_per_second": round(summary["n"] / elapsed, 2)}))
-    finally:
-        close_distributed()
 
 
 if __name__ == "__main__":

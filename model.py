@@ -286,8 +286,8 @@ class GPT(nn.Module):
         """(..., C) hidden states -> (..., padded_vocab_size) logits, -inf at the padded ids, so that
         no softmax, sampling or scoring ever gives them any probability. Slice [..., :vocab_size]
         where exactly the vocabulary's width is needed."""
-        # The head multiplies by all its padded rows: a GEMM 50,304 wide runs faster on GPUs than one
-        # 50,257 wide (build-nanogpt: 96 -> 93 ms a step on an A100), which is what the padding is for.
+        # The head multiplies by all its padded rows: on GPUs a GEMM 50,304 wide runs faster than one
+        # 50,257 wide (build-nanogpt measured it), which is what the padding is for.
         logits = self.lm_head(hidden)
         logits[..., self.config.vocab_size:] = float("-inf")
         return logits

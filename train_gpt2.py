@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from core.checkpoint import save_checkpoint
 from core.config import TrainConfig, grad_accum_steps
 from core.data import TokenLoader, ValSet, shard_tokenizer
-from core.distributed import Distributed, close_distributed, init_distributed
+from core.distributed import Distributed, distributed_run
 from core.errors import UserError, exit_on_user_error
 from core.evaluation import (
     Example,
@@ -39,15 +37,9 @@ from core.optim import learning_rate, make_optimizer
 from core.plotting import plot_run
 from core.pretrained import load_model
 from core.resume import (
-    checkpoint_folder,
     list_checkpoints,
-    load_resumable,
-    newest_resumable,
-    prune_checkpoints,
-    rng_state,
-    set_rng_state,
 )
-from core.runlog import METRICS_FILE, RunLog
+from core.runlog import RunLog
 from core.shards import list_shards
 from core.tokenizer import get_tokenizer
 from core.training import StepResult, TrainingRun
@@ -73,7 +65,7 @@ class Trainer:
         self.peak = peak_flops(self.device, self.dtype, config.peak_flops) if self.is_main else None
 
         torch.manual_seed(config.seed)
-        resume = self._find_resume_point()
+        resume = self.run.find_resume_point(self.log_dir, config.resume)
         self.raw_model = self._build_model(resume)
         self.train_model = self.run.wrap(self.raw_model)
         self.optimizer = make_optimizer(self.raw_model, config.max_lr, config.weight_decay,
@@ -101,29 +93,6 @@ class Trainer:
             raise UserError(f"data_dir {data_dir} does not exist: make it with `python fineweb.py` (FineWeb-Edu), "
                             "or point --data-dir at a folder of token shards")
         return shard_tokenizer(data_dir, "train")
-
-    def _find_resume_point(self) -> tuple[Path, tuple] | None:
-        """The checkpoint to resume, found by rank 0 and shared, so every rank resumes the same one."""
-        choice: list[Any] = [None]
-        loaded = None  # what rank 0 read while checking the newest checkpoint: not read twice
-        if self.is_main:
-            resume = self.config.resume
-            if resume == "auto":
-                found = newest_resumable(self.log_dir, warn=self.log.print)
-                choice, loaded = ([found[0]], found[1]) if found else ([None], None)
-            elif resume != "never":
-                choice = [Path(resume)]
-            elif list_checkpoints(self.log_dir) or (self.log_dir / METRICS_FILE).exists():
-                raise UserError(f"{self.log_dir} already holds a run: continue it with --resume auto, "
-                                "or choose another --log-dir")
-        if self.distributed.world_size > 1:
-            dist.broadcast_object_list(choice, src=0)
-        folder = choice[0]
-        if folder is None:
-            return None
-        if not folder.is_dir():
-            raise UserError(f"--resume {folder}: no such checkpoint folder")
-        return folder, loaded or load_resumable(folder)
 
     def _build_model(self, resume: tuple[Path, tuple] | None) -> GPT:
         config = self.config
@@ -182,12 +151,7 @@ class Trainer:
         self.loader.load_state_dict(trainer_state["loader"])
         self.step = trainer_state["step"]
         self.val_loss = meta.get("val_loss")
-        rng_states = trainer_state["rng"]
-        if len(rng_states) != self.distributed.world_size:
-            self.log.print(f"note: the checkpoint was written by {len(rng_states)} process(es), this run has "
-                           f"{self.distributed.world_size}: the data position carries over, random states are reseeded")
-        else:
-            set_rng_state(rng_states[self.distributed.rank])
+        self.run.restore_rng(trainer_state["rng"])
         self.log.truncate_after(self.step)
         self.log.print(f"resuming from {folder} at step {self.step}")
 
@@ -307,30 +271,17 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def save(self) -> None:
-        """LOG_DIR/checkpoints/step_NNNNNN: the weights, and all that resuming needs, from every rank's
-        random states to the data position; the oldest beyond keep_checkpoints are deleted."""
-        rng_states: list[Any] = [rng_state()]
-        if self.distributed.world_size > 1:
-            rng_states = [None] * self.distributed.world_size
-            dist.all_gather_object(rng_states, rng_state())
-        if self.is_main:
-            trainer_state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                             "loader": self.loader.state_dict(), "rng": rng_states, "config": self.config.to_dict()}
-            folder = save_checkpoint(checkpoint_folder(self.log_dir, self.step), self.raw_model, self.tokenizer_name,
-                                     trainer_state=trainer_state, step=self.step, val_loss=self.val_loss)
-            prune_checkpoints(self.log_dir, self.config.keep_checkpoints)
-            self.log.print(f"saved {folder}")
-        if self.distributed.world_size > 1:
-            dist.barrier()  # no rank runs ahead of a checkpoint that it may have to resume from
+        """A checkpoint with all that resuming needs, from every rank's random states to the data position."""
+        trainer_state = {"optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
+                         "config": self.config.to_dict()}
+        self.run.save(self.log_dir, self.step, self.raw_model, self.tokenizer_name, trainer_state,
+                      self.config.keep_checkpoints, val_loss=self.val_loss)
 
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
-    distributed = init_distributed(config.device)
-    try:
+    with distributed_run(config.device) as distributed:
         Trainer(config, distributed).train()
-    finally:
-        close_distributed()
 
 
 if __name__ == "__main__":

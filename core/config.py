@@ -246,6 +246,7 @@ class FinetuneConfig(Settings):
     max_train_examples: int = 0  # read only the first N labelled examples (0: all), for quick runs
     max_test_examples: int = 0
     log_dir: str = "log/finetune"
+    resume: str = "auto"  # auto: the newest valid checkpoint in log_dir, else a fresh start; never; or a path
     # model: any model spec (openai-gpt, gpt2, an HF folder, one of our checkpoints)
     init_from: str = "openai-gpt"
     markers: str = "new"  # new: start, delimiter and extract are new embedding rows; eot: <|endoftext|> (GPT-2)

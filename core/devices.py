@@ -63,7 +63,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # /proc/cpuinfo flags of bfloat16 arithmetic in hardware: a bfloat16 matmul runs at several times the
-# float32 rate with them (798 against 241 GFLOP/s on a 2-core Sapphire Rapids), at ~1% of it without.
+# float32 rate with them, at ~1% of it without (the README's benchmark tables give figures).
 NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -47,3 +49,13 @@ def init_distributed(device_name: str = "auto") -> Distributed:
 def close_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed_run(device_name: str = "auto") -> Iterator[Distributed]:
+    """This process's place in the run (see `init_distributed`), the process group closed at the end."""
+    distributed = init_distributed(device_name)
+    try:
+        yield distributed
+    finally:
+        close_distributed()

@@ -54,7 +54,7 @@ def measured_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, se
     """FLOP/s of a square matmul in `dtype` on `device`, timed here: the ceiling on a CPU, where no
     table can know the cores, their vector units or their clocks. The fastest of the calls made in
     `seconds` (at least three): on a shared machine a burst of load elsewhere slows some calls, and an
-    average over them moved by almost 2x from run to run (76-137 GFLOP/s on a 2-core EPYC)."""
+    average over them moved by almost 2x from run to run."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up: thread pools, kernel choice

@@ -1,6 +1,6 @@
 """What every trainer shares: the run's set-up (device, dtype, TF32, compile then DDP, config.toml,
-stopping on SIGTERM and SIGINT) and the one optimizer step that train_gpt2.py and finetune_mc.py
-both take.
+stopping on SIGTERM and SIGINT), resumable checkpoints, and the one optimizer step that
+train_gpt2.py and finetune_mc.py both take.
 
 An optimizer step, as build-nanogpt takes it: set the lr; for each micro-batch, forward and backward
 under `no_sync` but on the last (DDP decides in the forward pass whether the backward all-reduces,
@@ -26,11 +26,22 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from core.checkpoint import save_checkpoint
 from core.config import to_toml
 from core.devices import dtype_name, resolve_dtype
 from core.distributed import Distributed
 from core.errors import UserError
-from core.runlog import RunLog
+from core.resume import (
+    checkpoint_folder,
+    list_checkpoints,
+    load_resumable,
+    newest_resumable,
+    prune_checkpoints,
+    rng_state,
+    set_rng_state,
+)
+from core.runlog import METRICS_FILE, RunLog
+from core.tokenizer import Tokenizer
 
 # A micro-batch's loss to minimise, and the parts worth logging apart (finetune_mc.py's classifier and
 # LM losses), from the training module and one micro-batch.
@@ -107,6 +118,60 @@ class TrainingRun:
         value = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def find_resume_point(self, log_dir: Path, resume: str) -> tuple[Path, tuple] | None:
+        """The checkpoint to resume (`resume`: auto, the newest readable one in log_dir, else none;
+        never; or a folder) and what it holds (see core.resume.load_resumable). Found by rank 0 and
+        shared, so every rank resumes the same one."""
+        choice: list[Any] = [None]
+        loaded = None  # what rank 0 read while checking the newest checkpoint: not read twice
+        if self.distributed.is_main:
+            if resume == "auto":
+                found = newest_resumable(log_dir, warn=self.log.print)
+                choice, loaded = ([found[0]], found[1]) if found else ([None], None)
+            elif resume != "never":
+                choice = [Path(resume)]
+            elif list_checkpoints(log_dir) or (log_dir / METRICS_FILE).exists():
+                raise UserError(f"{log_dir} already holds a run: continue it with --resume auto, "
+                                "or choose another --log-dir")
+        if self.world_size > 1:
+            dist.broadcast_object_list(choice, src=0)
+        folder = choice[0]
+        if folder is None:
+            return None
+        if not folder.is_dir():
+            raise UserError(f"--resume {folder}: no such checkpoint folder")
+        return folder, loaded or load_resumable(folder)
+
+    def restore_rng(self, rng_states: list[dict[str, Any]]) -> None:
+        """This rank's random states as saved, or, when the checkpoint had another number of ranks, a note."""
+        if len(rng_states) != self.world_size:
+            self.log.print(f"note: the checkpoint was written by {len(rng_states)} process(es), this run has "
+                           f"{self.world_size}: the data position carries over, random states are reseeded")
+        else:
+            set_rng_state(rng_states[self.distributed.rank])
+
+    def save(self, log_dir: Path, step: int, model: torch.nn.Module, tokenizer: str | Tokenizer,
+             trainer_state: dict[str, Any], keep: int, **save_options: Any) -> None:
+        """LOG_DIR/checkpoints/step_NNNNNN: the weights and `trainer_state` with every rank's random
+        states added, written by rank 0 (`save_options` as core.checkpoint.save_checkpoint takes them);
+        all but the newest `keep` are deleted."""
+        rng_states: list[Any] = [rng_state()]
+        if self.world_size > 1:
+            rng_states = [None] * self.world_size
+            dist.all_gather_object(rng_states, rng_state())
+        if self.distributed.is_main:
+            folder = save_checkpoint(checkpoint_folder(log_dir, step), model, tokenizer,
+                                     trainer_state={**trainer_state, "step": step, "rng": rng_states}, step=step,
+                                     **save_options)
+            prune_checkpoints(log_dir, keep)
+            self.log.print(f"saved {folder}")
+        if self.world_size > 1:
+            dist.barrier()  # no rank runs ahead of a checkpoint that it may have to resume from
+
+    # -- the optimizer step -------------------------------------------------------------------------
 
     def step(self, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float,
              micro_batches: Iterable[Any], accum: int, loss_function: LossFunction, grad_clip: float,

@@ -7,14 +7,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2DoubleHeadsModel, OpenAIGPTConfig, OpenAIGPTDoubleHeadsModel
 
-from core import hf
+from core import hf, training
 from core.checkpoint import read_meta, save_checkpoint
 from core.config import FinetuneConfig
 from core.errors import UserError
@@ -40,11 +40,10 @@ from core.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 from tests.gpt1_files import write_hf_gpt1_folder
 from tests.stages import run_stage
+from tests.story_cloze_files import HEADER, story_cloze_args
 from tests.weights import redraw_weights
 
 TOLERANCE = 1e-5
-HEADER = ("InputStoryid,InputSentence1,InputSentence2,InputSentence3,InputSentence4,RandomFifthSentenceQuiz1,"
-          "RandomFifthSentenceQuiz2,AnswerRightEnding")
 GOOD_ROW = "id{n},Tom was hungry.,He went to the store.,It was open.,He bought bread.,He ate it.,He flew away.,1"
 
 
@@ -208,34 +207,6 @@ def read_records(log_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def write_stories(path: Path, count: int, seed: int) -> Path:
-    """A CSV of Story Cloze's format: `count` four-sentence stories whose right ending names the thing the
-    story is about, and whose wrong one names another; the right ending is first or second at random."""
-    generator = random.Random(seed)
-    names, things = ["Tom", "Ann", "Raj", "Mia", "Leo", "Zoe", "Sam", "Ivy"], ["kite", "cake", "book", "bike", "hat"]
-    rows = [HEADER]
-    for n in range(count):
-        name, thing, other = generator.choice(names), *generator.sample(things, 2)
-        right, wrong = f"{name} loved the new {thing}.", f"{name} threw the {other} away."
-        answer = generator.choice([1, 2])
-        endings = (right, wrong) if answer == 1 else (wrong, right)
-        rows.append(f"story{n},{name} wanted a {thing}.,{name} saved money for weeks.,{name} went to the shop.,"
-                    f"The shop had one {thing} left.,{endings[0]},{endings[1]},{answer}")
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
-def story_cloze_args(folder: Path, log_dir: Path, init_from: Path, train_stories: int, test_stories: int,
-                     **settings: object) -> list[str]:
-    train = write_stories(folder / "train.csv", train_stories, seed=1)
-    test = write_stories(folder / "test.csv", test_stories, seed=2)
-    args = ["--train-data", str(train), "--test-data", str(test), "--init-from", str(init_from),
-            "--log-dir", str(log_dir), "--device", "cpu", "--dtype", "float32", "--progress", "false"]
-    for key, value in settings.items():
-        args += ["--" + key.replace("_", "-"), str(value)]
-    return args
-
-
 def test_finetuning_a_small_gpt2_learns_story_cloze(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture) -> None:
@@ -297,3 +268,40 @@ def test_story_cloze_configs_carry_the_papers_settings(name: str, model: str) ->
             config.clf_dropout, config.val_examples) == (6.25e-5, 32, 3, 0.5, 0.002, 0.1, 374)
     with pytest.raises(UserError, match="unknown key 'lm_coeff'; did you mean 'lm_coef'"):
         FinetuneConfig.from_argv(["--config", str(path), "--lm-coeff", "1"])
+
+
+def test_an_interrupted_finetuning_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """2 epochs straight equal 1 epoch, a crash right after its checkpoint, then a rerun (--resume auto):
+    the same best/ weights and the same records, dropout on, so the random states must come back."""
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "pretrained", GPT(GPTConfig(block_size=128, vocab_size=50257, n_layer=1, n_head=2,
+                                                           n_embd=16)), "gpt2")
+
+    def finetune(log_dir: Path) -> tuple[int, str, str]:
+        args = story_cloze_args(tmp_path, log_dir, tmp_path / "pretrained", 60, 8, max_train_examples=40,
+                                val_examples=8, max_test_examples=8, epochs=2, batch_size=8, micro_batch_size=4,
+                                max_lr=1e-3, dropout=0.1, clf_dropout=0.1)
+        return run_stage("finetune_mc", args, monkeypatch, capsys)
+
+    assert finetune(tmp_path / "straight")[0] == 0
+    save = training.save_checkpoint
+
+    def save_then_crash(folder: Path, *args: object, **kwargs: object) -> Path:
+        save(folder, *args, **kwargs)
+        raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
+    with pytest.raises(RuntimeError, match="went away"):
+        finetune(tmp_path / "resumed")
+    monkeypatch.setattr(training, "save_checkpoint", save)
+    status, out, err = finetune(tmp_path / "resumed")
+    assert status == 0, err
+    assert "resuming from" in out and "at step 4" in out  # 32 train questions, batches of 8: 4 steps an epoch
+    straight, resumed = read_records(tmp_path / "straight"), read_records(tmp_path / "resumed")
+    assert resumed == straight
+    for name, tensor in load_file(tmp_path / "straight" / "best" / "model.safetensors").items():
+        assert torch.equal(load_file(tmp_path / "resumed" / "best" / "model.safetensors")[name], tensor), name
+    status, out, _ = finetune(tmp_path / "resumed")  # once more: complete already
+    assert status == 0 and "complete already, nothing to do" in out
+    assert read_records(tmp_path / "resumed") == resumed

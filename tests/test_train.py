@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import finetune_mc
 import fineweb
 import train_gpt2
 from core.checkpoint import save_checkpoint
@@ -300,14 +301,15 @@ LAUNCHER = textwrap.dedent("""
             self.register_comm_hook(None, hook)
         DistributedDataParallel.__init__ = init
     elif mode.startswith("kill-after-step-"):  # die as `kill -9` would, right after that checkpoint
+        from core import training
         kill_step = int(mode.rsplit("-", 1)[1])
-        original_save = train_gpt2.save_checkpoint
+        original_save = training.save_checkpoint
         def save(folder, *args, **kwargs):
             result = original_save(folder, *args, **kwargs)
             if kwargs["step"] == kill_step:
                 os.kill(os.getpid(), signal.SIGKILL)
             return result
-        train_gpt2.save_checkpoint = save
+        training.save_checkpoint = save
     train_gpt2.main(sys.argv[3:])
     if mode == "count-allreduce":
         with open(f"{out}.rank{os.environ.get('RANK', 0)}", "w") as f:
@@ -485,3 +487,28 @@ def test_missing_hellaswag_data_offline_is_one_line_and_the_run_goes_on(shakespe
     lines = [line for line in result.stdout.splitlines() if "HellaSwag" in line]
     assert len(lines) == 1 and lines[0].startswith("HellaSwag is off for this run: cannot download"), result.stdout
     assert not records(tmp_path / "log", "hellaswag")
+
+
+def test_both_trainers_take_every_step_through_the_one_step_function(shakespeare_shards: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.training import TrainingRun
+    from tests.story_cloze_files import story_cloze_args
+
+    callers = []
+    step = TrainingRun.step
+
+    def spy(self: TrainingRun, *args: object, **kwargs: object) -> object:
+        callers.append(sys._getframe(1).f_code.co_filename)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingRun, "step", spy)
+    train_gpt2.main(["--data-dir", str(shakespeare_shards), "--log-dir", str(tmp_path / "log"), *SMALL,
+                     "--total-batch-size", "128", "--max-steps", "2"])
+    save_checkpoint(tmp_path / "pretrained", GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2,
+                                                           n_embd=16)), "gpt2")
+    finetune_mc.main(story_cloze_args(tmp_path, tmp_path / "finetune", tmp_path / "pretrained", 20, 4,
+                                      val_examples=4, epochs=1, batch_size=8, micro_batch_size=4, zero_shot="false"))
+    assert [Path(name).name for name in callers] == ["train_gpt2.py"] * 2 + ["finetune_mc.py"] * 2
+    for script in ("train_gpt2.py", "finetune_mc.py"):  # the step is theirs to call, not to write
+        source = (ROOT / script).read_text()
+        assert ".backward(" not in source and "no_sync" not in source, script
