@@ -181,7 +181,7 @@ class Finetuner:
             return
         self.run.stop_on_signals()
         bar = self.log.progress(total=self.max_steps, initial=self.step, enabled=config.progress)
-        try:
+        with self.log:  # closes the progress bar and the event files, however the loop ends
             while self.step < self.max_steps:
                 epoch, index = divmod(self.step, self.steps_per_epoch)
                 epoch += 1
@@ -201,8 +201,6 @@ class Finetuner:
                 if stopping:
                     self.log.print(f"stopped at step {self.step} of epoch {epoch}; continue with --resume auto")
                     return
-        finally:
-            self.log.close()
         self.report()
 
     def end_epoch(self, epoch: int) -> None:

@@ -189,7 +189,7 @@ class Trainer:
         if self.step == 0:
             self.evaluate()
         bar = self.log.progress(total=config.max_steps, initial=self.step, enabled=config.progress)
-        try:
+        with self.log:  # closes the progress bar and the event files, however the loop ends
             while self.step < config.max_steps:
                 started = time.perf_counter()
                 result = self.train_step()
@@ -207,8 +207,6 @@ class Trainer:
                 if stopping:
                     self.log.print(f"stopped at step {self.step}; continue with --resume auto")
                     return
-        finally:
-            self.log.close()
         self.log.print(f"done: {self.step} steps" + (f", val loss {self.val_loss:.4f}" if self.val_loss else ""))
 
     def _report_step(self, result: StepResult, seconds: float) -> None:

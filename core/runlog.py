@@ -89,7 +89,14 @@ class RunLog:
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
         return self.bar
 
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Close the progress bar and the event files; printing goes on, to the terminal."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
