@@ -221,7 +221,7 @@ class Finetuner:
         size = config.micro_batch_size
         micro_batches = (collate(mine[i * size : (i + 1) * size], self.device) for i in range(self.accum))
         result = self.run.step(self.train_model, self.optimizer, lr, micro_batches, self.accum, self._loss,
-                               config.grad_clip, step, self._saved_best)
+                               config.grad_clip, step)
         lm = {"lm_loss": result.parts["lm_loss"]} if config.lm_coef > 0 else {}
         clf = result.parts["clf_loss"]
         self.log.record("train", step, loss=result.loss, clf_loss=clf, **lm, lr=lr, grad_norm=result.grad_norm)
@@ -230,10 +230,6 @@ class Finetuner:
                            + (f" | lm {lm['lm_loss']:.4f}" if lm else "") + f" | lr {lr:.4e} | norm "
                            f"{result.grad_norm:.4f}")
         return result.loss
-
-    def _saved_best(self) -> Path | None:
-        best = self.log_dir / BEST_FOLDER
-        return best if best.is_dir() else None
 
     def _loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """GPT-1's joint loss of a micro-batch, and its classifier and LM parts."""

@@ -34,7 +34,7 @@ PRESETS: dict[str, dict[str, int]] = {
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # longest sequence (HF: n_positions)
-    vocab_size: int = 50257  # real tokens; logits never cover more than this
+    vocab_size: int = 50257  # real tokens; logits past them (the padding) are -inf
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768

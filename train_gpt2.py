@@ -36,9 +36,6 @@ from core.mfu import flops_per_token, peak_flops
 from core.optim import learning_rate, make_optimizer
 from core.plotting import plot_run
 from core.pretrained import load_model
-from core.resume import (
-    list_checkpoints,
-)
 from core.runlog import RunLog
 from core.shards import list_shards
 from core.tokenizer import get_tokenizer
@@ -173,15 +170,11 @@ class Trainer:
                            config.max_steps)
         micro_batches = (self.loader.next_batch() for _ in range(self.accum))
         return self.run.step(self.train_model, self.optimizer, lr, micro_batches, self.accum, self._loss,
-                             config.grad_clip, self.step, self._last_checkpoint)
+                             config.grad_clip, self.step)
 
     def _loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         x, y = (t.to(self.device, non_blocking=True) for t in batch)
         return model(x, y)[1], {}
-
-    def _last_checkpoint(self) -> Path | None:
-        checkpoints = list_checkpoints(self.log_dir)
-        return checkpoints[-1] if checkpoints else None
 
     def train(self) -> None:
         config = self.config

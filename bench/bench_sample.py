@@ -69,7 +69,7 @@ def decode_matmul_seconds(model: GPT, repeats: int = 20) -> float:
     output layer, each in the formulation core/matmul.py picks here; the median of `repeats` steps."""
     products = [(module.weight, module.bias) for module in model.modules()
                 if isinstance(module, torch.nn.Linear) and module is not model.lm_head]
-    products.append((model.lm_head.weight[: model.config.vocab_size], None))
+    products.append((model.lm_head.weight, None))  # every padded row, as model.logits multiplies
     inputs = {width: torch.randn(NUM_SAMPLES, width, device=model.device, dtype=model.lm_head.weight.dtype)
               for width in {weight.size(1) for weight, _ in products}}
 

@@ -111,7 +111,11 @@ def read_checkpoint(folder: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], d
     """A checkpoint's model config, its weights in our layout (a file written from a DDP or compiled
     wrapper's state dict included), and its metadata."""
     meta = read_meta(folder)
-    return GPTConfig.from_dict(meta["config"]), our_layout(read_tensor_file(folder / WEIGHTS_FILE)), meta
+    try:
+        weights = our_layout(read_tensor_file(folder / WEIGHTS_FILE))
+    except UserError as error:
+        raise UserError(f"{folder}: {error}") from None
+    return GPTConfig.from_dict(meta["config"]), weights, meta
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
@@ -135,7 +139,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def read_trainer_state(folder: Path | str) -> dict[str, Any]:
-    """The trainer state saved beside a checkpoint's weights (see train_gpt2.py)."""
+    """The trainer state saved beside a checkpoint's weights (see core/training.py)."""
     path = Path(folder) / TRAINER_STATE_FILE
     if not path.is_file():
         raise UserError(f"{folder} holds model weights but no {TRAINER_STATE_FILE}: it cannot be resumed "

@@ -91,7 +91,7 @@ def fit_to_context(prompt: list[int], max_new_tokens: int, block_size: int) -> t
 
 
 def decode_step(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """(B, T) tokens that continue the cached positions -> the (B, vocab) logits of the last one.
+    """(B, T) tokens that continue the cached positions -> the (B, padded vocab) logits of the last one.
 
     Only the last position's logits are needed: running the head on the whole prompt would cost a
     (T, vocab) matmul for nothing."""
@@ -186,7 +186,7 @@ def stream_tokens(model: GPT, prompt: list[int], num_samples: int, max_new_token
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
     with model.evaluating():
         for new_token in range(max_new_tokens):
-            logits = (step if new_token else decode_step)(model, idx, cache)  # (1 or B, vocab)
+            logits = (step if new_token else decode_step)(model, idx, cache)  # (1 or B, padded vocab)
             next_tokens = sample_next(logits.expand(num_samples, -1), sampling, generator)  # (B,)
             if stop_token is not None:
                 next_tokens = next_tokens.masked_fill(finished, stop_token)

@@ -176,7 +176,10 @@ def read_hf_folder(folder: Path | str) -> tuple[GPTConfig, dict[str, torch.Tenso
     except (OSError, json.JSONDecodeError) as error:
         raise UserError(f"cannot read {config_path}: {error}") from None
     config = config_from_hf(hf_config)
-    weights = state_dict_from_hf(read_weights(folder))
+    try:
+        weights = state_dict_from_hf(read_weights(folder))
+    except UserError as error:
+        raise UserError(f"{folder}: {error}") from None
     default = gpt1_tokenizer.NAME if hf_config.get("model_type") == GPT1_MODEL_TYPE else DEFAULT_TOKENIZER
     added = hf_config.get(ADDED_TOKENS_KEY, [])
     if not isinstance(added, list) or not all(isinstance(token, str) for token in added):

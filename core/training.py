@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from core.checkpoint import save_checkpoint
-from core.config import to_toml
+from core.config import FinetuneConfig, TrainConfig, to_toml
 from core.devices import dtype_name, resolve_dtype
 from core.distributed import Distributed
 from core.errors import UserError
@@ -61,7 +61,7 @@ class TrainingRun:
     CUDA, the training module (compiled, then DDP-wrapped), autocast, the resolved settings written
     to LOG_DIR/config.toml, and SIGTERM / SIGINT turned into a request to stop at a step boundary."""
 
-    def __init__(self, settings: Any, distributed: Distributed, log: RunLog) -> None:
+    def __init__(self, settings: TrainConfig | FinetuneConfig, distributed: Distributed, log: RunLog) -> None:
         self.distributed, self.log = distributed, log
         self.device = distributed.device
         self.dtype = resolve_dtype(settings.dtype, self.device)  # after every override (nanoGPT #708)
@@ -95,7 +95,7 @@ class TrainingRun:
         """bfloat16 autocast over float32 weights when the run's dtype is bfloat16; a no-op otherwise."""
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
 
-    def write_settings(self, settings: Any, log_dir: Path) -> None:
+    def write_settings(self, settings: TrainConfig | FinetuneConfig, log_dir: Path) -> None:
         """LOG_DIR/config.toml: the settings as this run resolved them (device, dtype, compile), printed too."""
         resolved = {**settings.to_dict(), "device": str(self.device), "dtype": dtype_name(self.dtype),
                     "compile": self.compile}
@@ -125,19 +125,21 @@ class TrainingRun:
         """The checkpoint to resume (`resume`: auto, the newest readable one in log_dir, else none;
         never; or a folder) and what it holds (see core.resume.load_resumable). Found by rank 0 and
         shared, so every rank resumes the same one."""
-        choice: list[Any] = [None]
+        choice: list[Any] = [None, None]  # the folder, or a refusal that every rank raises
         loaded = None  # what rank 0 read while checking the newest checkpoint: not read twice
         if self.distributed.is_main:
             if resume == "auto":
                 found = newest_resumable(log_dir, warn=self.log.print)
-                choice, loaded = ([found[0]], found[1]) if found else ([None], None)
+                choice[0], loaded = (found[0], found[1]) if found else (None, None)
             elif resume != "never":
-                choice = [Path(resume)]
+                choice[0] = Path(resume)
             elif list_checkpoints(log_dir) or (log_dir / METRICS_FILE).exists():
-                raise UserError(f"{log_dir} already holds a run: continue it with --resume auto, "
-                                "or choose another --log-dir")
-        if self.world_size > 1:
+                choice[1] = (f"{log_dir} already holds a run: continue it with --resume auto, "
+                             "or choose another --log-dir")
+        if self.world_size > 1:  # the other ranks wait here for rank 0's answer
             dist.broadcast_object_list(choice, src=0)
+        if choice[1] is not None:
+            raise UserError(choice[1])
         folder = choice[0]
         if folder is None:
             return None
@@ -175,9 +177,9 @@ class TrainingRun:
 
     def step(self, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float,
              micro_batches: Iterable[Any], accum: int, loss_function: LossFunction, grad_clip: float,
-             step: int, last_checkpoint: Callable[[], Path | None]) -> StepResult:
+             step: int) -> StepResult:
         """One optimizer step over `accum` micro-batches (see the module's docstring). A non-finite
-        loss stops the run before the update, naming `last_checkpoint()`."""
+        loss stops the run before the update, naming the run's newest checkpoint."""
         for group in optimizer.param_groups:
             group["lr"] = lr
         totals, names = None, []
@@ -196,8 +198,8 @@ class TrainingRun:
             totals /= self.world_size
         loss_value, *part_values = totals.tolist()
         if not math.isfinite(loss_value):
-            saved = last_checkpoint()
-            kept = f"the last good checkpoint is {saved}" if saved else "no checkpoint was written"
+            saved = list_checkpoints(self.log.log_dir)
+            kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
             raise UserError(f"the loss is {loss_value} at step {step}: stopping before the update; {kept}. "
                             "Lower --max-lr or check the data")
         parameters = [p for group in optimizer.param_groups for p in group["params"]]

@@ -114,11 +114,11 @@ def test_toml_and_flags_make_the_config(tmp_path: Path) -> None:
     assert (config.max_lr, config.n_layer, config.shuffle, config.data_dir) == (1e-3, 8, True, "somewhere")
     assert config.compile is False and config.tensorboard is True and config.total_batch_size == 1_000_000
     assert train_gpt2.parse_config([]) == TrainConfig()  # the defaults: build-nanogpt's recipe
-    for shipped in sorted((ROOT / "configs").glob("*.toml")):  # every shipped config names only known keys,
-        try:  # of train_gpt2.py's settings or of finetune_mc.py's
-            TrainConfig.read_toml(shipped)
+    for shipped in sorted((ROOT / "configs").glob("*.toml")):  # every shipped config is valid settings,
+        try:  # of train_gpt2.py's or of finetune_mc.py's
+            TrainConfig.from_toml(shipped)
         except UserError:
-            FinetuneConfig.read_toml(shipped)
+            FinetuneConfig.from_toml(shipped)
 
 
 @pytest.mark.parametrize(("argv", "toml", "message"), [
@@ -512,3 +512,15 @@ def test_both_trainers_take_every_step_through_the_one_step_function(shakespeare
     for script in ("train_gpt2.py", "finetune_mc.py"):  # the step is theirs to call, not to write
         source = (ROOT / script).read_text()
         assert ".backward(" not in source and "no_sync" not in source, script
+
+
+def test_resume_never_on_a_used_folder_ends_every_rank(shakespeare_shards: Path, tmp_path: Path) -> None:
+    """Rank 0 alone looks at the folder; its refusal must reach the other rank, which would otherwise wait
+    for it forever (until the hang guard)."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    (log_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 0, "loss": 1.0}\n')
+    result = train(shakespeare_shards, log_dir, "--max-steps", "1", "--total-batch-size", "256", "--resume", "never",
+                   torchrun=2)
+    assert result.returncode != 0
+    assert result.stderr.count("already holds a run: continue it with --resume auto") == 2  # from both ranks
