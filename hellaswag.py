@@ -14,7 +14,9 @@ import json
 import time
 from pathlib import Path
 
-from core.devices import dtype_name, resolve_dtype
+import torch
+
+from core.devices import dtype_name, enable_tf32, resolve_dtype
 from core.distributed import distributed_run
 from core.errors import exit_on_user_error
 from core.evaluation import (
@@ -47,19 +49,25 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     with distributed_run(args.device) as distributed:
-        model, tokenizer = load_model_and_tokenizer(args.model, device=distributed.device,
-                                                   dtype=resolve_dtype(args.dtype, distributed.device))
+        device = distributed.device
+        enable_tf32(device)
+        dtype = resolve_dtype(args.dtype, device)
+        # bfloat16 as training computes it, autocast over float32 weights, so that this number and the
+        # training run's HellaSwag agree on the same checkpoint.
+        model, tokenizer = load_model_and_tokenizer(args.model, device=device,
+                                                   dtype=torch.float16 if dtype == torch.float16 else torch.float32)
         use_measured_matmuls(model)
         path = hellaswag_file_on_every_rank(args.data)
         examples = read_hellaswag(path, tokenizer, limit=args.limit)
         start = time.perf_counter()
-        results = gather_results(score_examples(model, examples, args.batch_size, progress=not args.no_progress))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            results = gather_results(score_examples(model, examples, args.batch_size, progress=not args.no_progress))
         elapsed = time.perf_counter() - start
         if distributed.is_main:
             summary = summarize(results)
             if args.output:
                 write_results(results, args.output)
-            print(json.dumps({"model": args.model, "device": str(model.device), "dtype": dtype_name(model.dtype),
+            print(json.dumps({"model": args.model, "device": str(device), "dtype": dtype_name(dtype),
                               **summary, "seconds": round(elapsed, 2),
                               "examples_per_second": round(summary["n"] / elapsed, 2)}))
 

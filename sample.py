@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from core.devices import dtype_name, resolve_device, resolve_dtype
+from core.devices import dtype_name, enable_tf32, resolve_device, resolve_dtype
 from core.errors import UserError, exit_on_user_error
 from core.generation import Sampling, TextStream, compile_decode_step, fit_to_context, stream_tokens
 from core.matmul import use_measured_matmuls
@@ -157,6 +157,7 @@ def interactive(model: GPT, tokenizer: Tokenizer, sampling: Sampling, args: argp
 def main() -> None:
     args = parse_args()
     device = resolve_device(args.device)
+    enable_tf32(device)
     dtype = resolve_dtype(args.dtype, device, cpu_bfloat16=True)
     try:
         sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,

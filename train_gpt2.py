@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from core.config import TrainConfig, grad_accum_steps
 from core.data import TokenLoader, ValSet, shard_tokenizer
+from core.devices import accumulation_dtype, to_device
 from core.distributed import Distributed, distributed_run
 from core.errors import UserError, exit_on_user_error
 from core.evaluation import (
@@ -173,7 +174,7 @@ class Trainer:
                              config.grad_clip, self.step)
 
     def _loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        x, y = (to_device(t, self.device) for t in batch)
         return model(x, y)[1], {}
 
     def train(self) -> None:
@@ -192,14 +193,15 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
-                stopping = self.run.stop_requested()
-                if self.step % config.eval_interval == 0 or self.step == config.max_steps:
-                    self.evaluate()
-                if self.step % config.checkpoint_interval == 0 or self.step == config.max_steps or stopping:
+                if self.run.stop_requested():  # save at once: torchrun's SIGKILL follows its SIGTERM in 30 s
                     self.save()
-                if stopping:
                     self.log.print(f"stopped at step {self.step}; continue with --resume auto")
                     return
+                if self.step % config.eval_interval == 0 or self.step == config.max_steps:
+                    self.evaluate()
+                if (self.step % config.checkpoint_interval == 0 or self.step == config.max_steps
+                        or 0 < config.checkpoint_minutes <= self.run.minutes_since_save()):
+                    self.save()
         self.log.print(f"done: {self.step} steps" + (f", val loss {self.val_loss:.4f}" if self.val_loss else ""))
 
     def _report_step(self, result: StepResult, seconds: float) -> None:
@@ -240,12 +242,12 @@ class Trainer:
     @torch.no_grad()
     def validation_loss(self) -> float:
         """The mean loss over the fixed val set, across ranks, in float32 from the logits (modded-nanogpt #133)."""
-        totals = torch.zeros(2, device=self.device, dtype=torch.float64)  # summed loss, tokens
+        totals = torch.zeros(2, device=self.device, dtype=accumulation_dtype(self.device))  # summed loss, tokens
         with self.raw_model.evaluating():
             for x, y in self.val_set.batches():
                 with self.run.autocast():
-                    _, loss = self.raw_model(x.to(self.device), y.to(self.device))
-                totals[0] += loss.double() * y.numel()
+                    _, loss = self.raw_model(to_device(x, self.device), to_device(y, self.device))
+                totals[0] += loss.to(totals.dtype) * y.numel()
                 totals[1] += y.numel()
         if self.distributed.world_size > 1:
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)

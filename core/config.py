@@ -201,6 +201,7 @@ class TrainConfig(Settings):
     num_samples: int = 4
     sample_tokens: int = 32
     checkpoint_interval: int = 5000
+    checkpoint_minutes: float = 30.0  # also save when this long has passed since the last save; 0: off
     keep_checkpoints: int = 3  # the newest K checkpoints stay; 0 keeps all
     resume: str = "auto"  # auto: the newest valid checkpoint in log_dir, else a fresh start; never; or a path
     # machine
@@ -218,7 +219,7 @@ class TrainConfig(Settings):
         _require(self, at_least_one=("total_batch_size", "micro_batch_size", "seq_len", "max_steps", "eval_interval",
                                      "checkpoint_interval"),
                  not_negative=("warmup_steps", "val_tokens", "hellaswag_examples", "keep_checkpoints", "num_samples",
-                               "sample_tokens", "weight_decay", "grad_clip", "peak_flops"))
+                               "sample_tokens", "weight_decay", "grad_clip", "peak_flops", "checkpoint_minutes"))
         self.model_config(vocab_size=1)  # the model's shape, checked where the model checks it
         if not 0 < self.max_lr < math.inf or not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"max_lr must be positive and min_lr_ratio in [0, 1], got {self.max_lr}, "

@@ -57,6 +57,29 @@ def resolve_dtype(name: str, device: torch.device, cpu_bfloat16: bool = False) -
     return DTYPES[name]
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on `device`. On CUDA through pinned memory, so that the copy runs asynchronously;
+    elsewhere a plain copy: `non_blocking` from pageable memory is a known silent-corruption pattern
+    on MPS (pytorch#139550)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of sums over many batches (val loss, accuracy counts): float64, except on MPS, which
+    has no float64 (pytorch#122602)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def enable_tf32(device: torch.device) -> None:
+    """float32 matmuls and convolutions as TF32 on CUDA: every stage's setting, as build-nanogpt's
+    (`torch.set_float32_matmul_precision("high")`); nothing elsewhere."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """"bfloat16" for torch.bfloat16: the spelling of --dtype, for reports and config.toml."""
     return str(dtype).removeprefix("torch.")

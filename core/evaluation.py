@@ -70,21 +70,23 @@ def hellaswag_file(path: Path | None = None) -> Path:
 
 
 def hellaswag_file_on_every_rank(path: Path | None = None) -> Path:
-    """`hellaswag_file` under torch.distributed: rank 0 alone downloads, and its failure ends every
-    rank with the same message (the others would otherwise wait for it forever)."""
+    """`hellaswag_file` under torch.distributed: the first rank of each node downloads into that node's
+    cache (nodes rarely share ~/.cache), the others wait, and a failure ends every rank with the same
+    message (the others would otherwise wait for it forever)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return hellaswag_file(path)
-    found, failure = None, None
-    if dist.get_rank() == 0:
+    failure = None
+    if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:  # the first rank of each node, for its own cache
         try:
-            found = hellaswag_file(path)
+            hellaswag_file(path)
         except UserError as error:
             failure = str(error)
-    shared = [found, failure]
-    dist.broadcast_object_list(shared, src=0)  # the other ranks wait here for rank 0's answer
-    if shared[1] is not None:
-        raise UserError(shared[1])
-    return shared[0]
+    failures: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)  # every rank waits here for its node's download
+    failure = next((failure for failure in failures if failure is not None), None)
+    if failure is not None:
+        raise UserError(failure)
+    return hellaswag_file(path)  # in this node's cache now: every rank reads its own node's copy
 
 
 def download(url: str, destination: Path) -> None:

@@ -16,20 +16,34 @@ import torch
 from core.devices import synchronize
 from model import GPT
 
-# Dense (no sparsity) tensor-core peaks in FLOP/s: bfloat16, and float32 as TF32 (what float32 matmuls
-# run as on these GPUs with TF32 allowed, as the training loop does). Sources: NVIDIA's datasheets
-# (A100 80GB, H100 SXM5 / PCIe, H200, L4, A10) and architecture whitepapers (Ada for the RTX 4090,
-# GA102 for the RTX 3090), "with FP32 accumulate" figures for the GeForce cards.
+# Dense (no sparsity) tensor-core peaks in FLOP/s, by the exact name torch.cuda.get_device_name gives:
+# bfloat16 (FP32 accumulate), and float32 as TF32 (what float32 matmuls run as with TF32 allowed, as
+# every stage allows it on CUDA). Datasheets list sparse figures too, twice these. Sources: NVIDIA's
+# datasheets for A100 (40/80 GB, SXM4 and PCIe), H100 (SXM5, PCIe, NVL), H200 (SXM, NVL), L4, L40, L40S
+# and A10; the Ampere GA102 whitepaper (RTX 3090), the Ada whitepaper (RTX 4090), the Blackwell RTX
+# whitepaper (RTX 5090); AWS publishes none for its A10G: Baseten's comparison of A10 and A10G.
+_A100 = {torch.bfloat16: 312e12, torch.float32: 156e12}
+_H100_SXM = {torch.bfloat16: 989.4e12, torch.float32: 494.7e12}
+_NVL = {torch.bfloat16: 835.5e12, torch.float32: 417.5e12}  # H100 NVL and H200 NVL, per GPU
 PEAK_FLOPS: dict[str, dict[torch.dtype, float]] = {
-    "H200": {torch.bfloat16: 989e12, torch.float32: 494e12},
-    "H100 SXM": {torch.bfloat16: 989e12, torch.float32: 494e12},
-    "H100 PCIe": {torch.bfloat16: 756e12, torch.float32: 378e12},
-    "H100": {torch.bfloat16: 989e12, torch.float32: 494e12},  # "NVIDIA H100 80GB HBM3" is the SXM part
-    "A100": {torch.bfloat16: 312e12, torch.float32: 156e12},  # before "A10", which it contains
-    "A10": {torch.bfloat16: 125e12, torch.float32: 62.5e12},
-    "L4": {torch.bfloat16: 121e12, torch.float32: 60e12},
-    "RTX 4090": {torch.bfloat16: 165.2e12, torch.float32: 82.6e12},
-    "RTX 3090": {torch.bfloat16: 71e12, torch.float32: 35.6e12},
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA H100 80GB HBM3": _H100_SXM,  # the SXM5 part's name
+    "NVIDIA H100 SXM5 80GB": _H100_SXM,
+    "NVIDIA H100 PCIe": {torch.bfloat16: 756e12, torch.float32: 378e12},
+    "NVIDIA H100 NVL": _NVL,
+    "NVIDIA H200": _H100_SXM,  # H200 SXM: H100's compute, more memory
+    "NVIDIA H200 NVL": _NVL,
+    "NVIDIA L4": {torch.bfloat16: 121e12, torch.float32: 60e12},
+    "NVIDIA L40": {torch.bfloat16: 181e12, torch.float32: 90.5e12},
+    "NVIDIA L40S": {torch.bfloat16: 362e12, torch.float32: 183e12},
+    "NVIDIA A10": {torch.bfloat16: 125e12, torch.float32: 62.5e12},
+    "NVIDIA A10G": {torch.bfloat16: 70e12, torch.float32: 35e12},
+    "NVIDIA GeForce RTX 3090": {torch.bfloat16: 71e12, torch.float32: 35.6e12},
+    "NVIDIA GeForce RTX 4090": {torch.bfloat16: 165.2e12, torch.float32: 82.6e12},
+    "NVIDIA GeForce RTX 5090": {torch.bfloat16: 209.5e12, torch.float32: 104.8e12},
 }
 
 
@@ -40,14 +54,11 @@ def flops_per_token(model: GPT, seq_len: int) -> float:
 
 
 def table_peak(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The peak of this GPU from the table, matched on its name; None when it is not there."""
+    """The peak of this GPU from the table, by its exact name; None (MFU unknown) for any other name:
+    a substring match would give an L40S the L4's peak, and an H100 NVL the SXM part's."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in PEAK_FLOPS.items():  # the table lists specific names before general ones
-        if key in name:
-            return peaks.get(dtype)
-    return None
+    return PEAK_FLOPS.get(torch.cuda.get_device_name(device).strip(), {}).get(dtype)
 
 
 def measured_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:

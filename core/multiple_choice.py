@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.checkpoint import read_meta
+from core.devices import accumulation_dtype
 from core.errors import UserError
 from core.evaluation import Example, batches_by_length, read_hellaswag_rows, tokenize_example
 from core.pretrained import load_model_and_tokenizer
@@ -276,7 +277,7 @@ def accuracy(model: MultipleChoiceModel, encoded: list[Encoded], batch_size: int
     each rank scores every world_size-th question and the counts are summed, so all ranks get the total."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
-    counts = torch.zeros(2, device=device, dtype=torch.float64)  # right, scored
+    counts = torch.zeros(2, device=device, dtype=accumulation_dtype(device))  # right, scored
     was_training = model.training
     model.eval()
     try:

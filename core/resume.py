@@ -72,13 +72,21 @@ def rng_state() -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> str | None:
+    """Restore what `rng_state` saved; a note when it saved the states of another number of GPUs than
+    this machine has (a resume on fewer GPUs restores those present, on more leaves the rest as they are)."""
     random.setstate(_tuples(state["python"]))
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.frombuffer(keys, dtype="<u4").copy(), *rest))
     torch.set_rng_state(_tensor(state["torch"]))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_tensor(item) for item in state["cuda"]])
+    saved = state["cuda"]
+    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, item in enumerate(saved[:present]):
+        torch.cuda.set_rng_state(_tensor(item), index)
+    if saved and len(saved) != present:
+        return (f"the checkpoint holds the CUDA random states of {len(saved)} GPU(s), this process sees {present}: "
+                f"{min(len(saved), present)} restored")
+    return None
 
 
 def _bytes(state: torch.Tensor) -> bytes:

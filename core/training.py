@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from core.checkpoint import save_checkpoint
 from core.config import FinetuneConfig, TrainConfig, to_toml
-from core.devices import dtype_name, resolve_dtype
+from core.devices import dtype_name, enable_tf32, resolve_dtype
 from core.distributed import Distributed
 from core.errors import UserError
 from core.resume import (
@@ -70,10 +71,9 @@ class TrainingRun:
         if self.compile and sys.platform == "win32":
             log.print("torch.compile is not supported on Windows: running eagerly")
             self.compile = False
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls as TF32: the recipes' setting
-            torch.backends.cudnn.allow_tf32 = True
+        enable_tf32(self.device)
         self.stop: StopSignal | None = None
+        self.saved_at = time.monotonic()
 
     @property
     def world_size(self) -> int:
@@ -110,6 +110,14 @@ class TrainingRun:
     def stop_requested(self) -> bool:
         """Whether a signal asked to stop, agreed on by every rank: all stop at the same step, or the job hangs."""
         return self.agree(self.stop is not None and self.stop.requested)
+
+    def minutes_since_save(self) -> float:
+        """Minutes since the last checkpoint of this process (or its start), as rank 0's clock says: the
+        ranks must agree on whether it is time to save."""
+        minutes = torch.tensor([(time.monotonic() - self.saved_at) / 60], device=self.device)
+        if self.world_size > 1:
+            dist.broadcast(minutes, src=0)
+        return minutes.item()
 
     def agree(self, flag: bool) -> bool:
         """True on every rank when any rank has it."""
@@ -153,7 +161,9 @@ class TrainingRun:
             self.log.print(f"note: the checkpoint was written by {len(rng_states)} process(es), this run has "
                            f"{self.world_size}: the data position carries over, random states are reseeded")
         else:
-            set_rng_state(rng_states[self.distributed.rank])
+            note = set_rng_state(rng_states[self.distributed.rank])
+            if note:
+                self.log.print(f"note: {note}")
 
     def save(self, log_dir: Path, step: int, model: torch.nn.Module, tokenizer: str | Tokenizer,
              trainer_state: dict[str, Any], keep: int, **save_options: Any) -> None:
@@ -172,6 +182,7 @@ class TrainingRun:
             self.log.print(f"saved {folder}")
         if self.world_size > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint that it may have to resume from
+        self.saved_at = time.monotonic()
 
     # -- the optimizer step -------------------------------------------------------------------------
 

@@ -106,3 +106,17 @@ def test_model_loss_and_gradients_match_hf(monkeypatch: pytest.MonkeyPatch) -> N
     assert torch.count_nonzero(wte_grad[97:]) == 0
     torch.testing.assert_close(ours.transformer.h[1].mlp.c_fc.weight.grad,
                                reference.transformer.h[1].mlp.c_fc.weight.grad.T, rtol=1e-4, atol=1e-6)
+
+
+def test_every_device_takes_the_chunked_path_and_allocates_on_the_inputs_device() -> None:
+    """CUDA and MPS run the same chunked loss as the CPU (values and gradients are checked above, on the
+    CPU); on the meta device, any buffer allocated elsewhere than on the inputs' device would fail here."""
+    with torch.device("meta"):
+        hidden = torch.randn(300, 16, requires_grad=True)
+        weight = torch.randn(128, 16, requires_grad=True)
+        targets = torch.randint(0, 100, (300,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the device's own autocast, not the CPU's, is read
+        loss = linear_cross_entropy(hidden, weight, targets, vocab_size=100)
+    loss.backward()
+    assert loss.device.type == "meta" and loss.shape == ()
+    assert hidden.grad.device.type == "meta" and weight.grad.shape == (128, 16)

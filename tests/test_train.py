@@ -444,9 +444,11 @@ def test_mfu_peaks_come_from_the_table_or_are_unknown(monkeypatch: pytest.Monkey
     from core import mfu
 
     cuda = torch.device("cuda", 0)
-    for name, expected in [("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10", 125e12),
-                           ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA GeForce RTX 4090", 165.2e12),
-                           ("Tesla V100-SXM2-16GB", None)]:
+    for name, expected in [("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA A10", 125e12),
+                           ("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 NVL", 835.5e12),
+                           ("NVIDIA H100 PCIe", 756e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12),
+                           ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 4090", 165.2e12),
+                           ("Tesla V100-SXM2-16GB", None), ("NVIDIA L40S-PCIE-48GB (a guess)", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert mfu.peak_flops(cuda, torch.bfloat16) == expected, name
     assert mfu.peak_flops(cuda, torch.bfloat16, override=1e15) == 1e15
@@ -524,3 +526,51 @@ def test_resume_never_on_a_used_folder_ends_every_rank(shakespeare_shards: Path,
                    torchrun=2)
     assert result.returncode != 0
     assert result.stderr.count("already holds a run: continue it with --resume auto") == 2  # from both ranks
+
+
+@pytest.mark.parametrize("present", [1, 2, 4])
+def test_cuda_random_states_restore_on_fewer_or_more_gpus(present: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from core import resume
+
+    state = resume.rng_state()
+    state["cuda"] = [bytes([i]) * 16 for i in range(2)]  # saved on a machine with 2 GPUs
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: present)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda tensor, device: restored.update({device: bytes(tensor)}))
+    note = resume.set_rng_state(state)
+    assert restored == {i: bytes([i]) * 16 for i in range(min(2, present))}
+    assert (note is None) == (present == 2)
+    if note:
+        assert f"of 2 GPU(s), this process sees {present}: {min(2, present)} restored" in note
+
+
+def test_a_stop_signal_on_an_evaluation_step_saves_first_and_skips_the_evaluation(
+        shakespeare_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun sends SIGKILL 30 s after its SIGTERM: the checkpoint cannot wait for an evaluation."""
+    from core.training import TrainingRun
+
+    events = []
+    evaluate, save = train_gpt2.Trainer.evaluate, train_gpt2.Trainer.save
+    monkeypatch.setattr(train_gpt2.Trainer, "evaluate", lambda self: events.append(("evaluate", self.step)) or
+                        evaluate(self))
+    monkeypatch.setattr(train_gpt2.Trainer, "save", lambda self: events.append(("save", self.step)) or save(self))
+    monkeypatch.setattr(TrainingRun, "stop_requested", lambda self: len([e for e in events if e[0] == "step"]) == 2)
+    step = TrainingRun.step
+    monkeypatch.setattr(TrainingRun, "step", lambda self, *a, **k: events.append(("step", None)) or step(self, *a, **k))
+    train_gpt2.main(["--data-dir", str(shakespeare_shards), "--log-dir", str(tmp_path / "log"), *SMALL,
+                     "--total-batch-size", "128", "--max-steps", "10", "--eval-interval", "2"])
+    assert [e for e in events if e[0] != "step"] == [("evaluate", 0), ("save", 2)]  # step 2's evaluation skipped
+    assert [path.name for path in (tmp_path / "log" / "checkpoints").iterdir()] == ["step_000002"]
+
+
+def test_checkpoints_by_time(shakespeare_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.training import TrainingRun
+
+    minutes = iter([1.0, 45.0, 0.5, 2.0, 31.0])  # rank 0's minutes since the last save, after steps 1 to 5
+    monkeypatch.setattr(TrainingRun, "minutes_since_save", lambda self: next(minutes))
+    train_gpt2.main(["--data-dir", str(shakespeare_shards), "--log-dir", str(tmp_path / "log"), *SMALL,
+                     "--total-batch-size", "128", "--max-steps", "6", "--checkpoint-minutes", "30",
+                     "--keep-checkpoints", "0"])
+    saved = sorted(path.name for path in (tmp_path / "log" / "checkpoints").iterdir())
+    assert saved == ["step_000002", "step_000005", "step_000006"]  # 45 and 31 minutes, then the end
