@@ -14,6 +14,7 @@ SIGTERM or Ctrl-C saves a checkpoint at the end of the current step and exits; a
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -56,7 +57,6 @@ class Trainer:
         self.log = RunLog(self.log_dir, enabled=self.is_main, tensorboard=config.tensorboard)
         self.run = TrainingRun(config, distributed, self.log)
         self.dtype = self.run.dtype
-        self.accum = grad_accum_steps(config, distributed.world_size)
         self.tokenizer_name = self._data_tokenizer()
         self.tokenizer = get_tokenizer(self.tokenizer_name)
         # The MFU ceiling is measured (on a CPU) before any seeded draw, so that it moves no random state.
@@ -65,6 +65,10 @@ class Trainer:
         torch.manual_seed(config.seed)
         resume = self.run.find_resume_point(self.log_dir, config.resume)
         self.raw_model = self._build_model(resume)
+        if config.micro_batch_size is None:
+            chosen = self.run.choose_micro_batch(self.raw_model, config.seq_len, config.total_batch_size)
+            self.config = config = replace(config, micro_batch_size=chosen)
+        self.accum = grad_accum_steps(config, distributed.world_size)
         self.train_model = self.run.wrap(self.raw_model)
         self.optimizer = make_optimizer(self.raw_model, config.max_lr, config.weight_decay,
                                         (config.beta1, config.beta2), config.eps, self.device)
@@ -274,7 +278,12 @@ class Trainer:
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     with distributed_run(config.device) as distributed:
-        Trainer(config, distributed).train()
+        try:
+            Trainer(config, distributed).train()
+        except torch.OutOfMemoryError:
+            size = "auto" if config.micro_batch_size is None else config.micro_batch_size
+            raise UserError(f"out of memory on {distributed.device}: lower --micro-batch-size (now {size}; "
+                            "gradient accumulation keeps the batch), or set it to auto") from None
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def _parse_text(text: str, base: type, optional: bool) -> Any:
 
 def _require(config: Settings, at_least_one: tuple[str, ...] = (), not_negative: tuple[str, ...] = ()) -> None:
     for name in at_least_one:
-        if getattr(config, name) < 1:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
             raise UserError(f"{name} must be at least 1, got {getattr(config, name)}")
     for name in not_negative:
         if getattr(config, name) < 0:
@@ -180,7 +180,7 @@ class TrainConfig(Settings):
     vocab_multiple: int = 64  # 50257 -> 50304 embedding rows: faster head matmuls on GPUs
     # batch: total_batch_size tokens per optimizer step, reached by gradient accumulation
     total_batch_size: int = 524288  # 2**19, ~0.5M tokens as in GPT-3 Small
-    micro_batch_size: int = 64
+    micro_batch_size: int | None = 64  # auto (None): the largest power of two that fits, tried at start-up
     seq_len: int = 1024
     # optimizer and schedule (GPT-3 paper, table 2.1, as build-nanogpt)
     max_steps: int = 19073  # 10B tokens / 2**19 tokens per step

@@ -44,6 +44,18 @@ from core.resume import (
 from core.runlog import METRICS_FILE, RunLog
 from core.tokenizer import Tokenizer
 
+CPU_MICRO_BATCH = 16  # micro_batch_size = "auto" off CUDA
+
+
+def largest_fitting(largest: int, fits: Callable[[int], bool]) -> int:
+    """The first of largest, largest / 2, ..., 1 for which `fits(size)`; 1 when none does (its OOM then
+    comes in the first step, as a one-line error)."""
+    size = largest
+    while size > 1 and not fits(size):
+        size //= 2
+    return size
+
+
 # A micro-batch's loss to minimise, and the parts worth logging apart (finetune_mc.py's classifier and
 # LM losses), from the training module and one micro-batch.
 LossFunction = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -126,6 +138,45 @@ class TrainingRun:
         value = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
+
+    # -- memory ---------------------------------------------------------------------------------------
+
+    def choose_micro_batch(self, model: torch.nn.Module, seq_len: int, total_batch_size: int) -> int:
+        """`micro_batch_size = "auto"`: the largest power of two that divides this rank's share of the
+        batch and whose forward and backward fit on the GPU, tried at start-up, halving on each OOM; the
+        smallest of every rank's. Off CUDA, nothing is tried: memory rarely binds there, and a trial of a
+        large batch would take minutes, so it is at most CPU_MICRO_BATCH."""
+        sequences = total_batch_size // (seq_len * self.world_size)
+        largest = sequences & -sequences if sequences > 0 else 1  # the largest power of two dividing it
+        if self.device.type != "cuda":
+            chosen = min(largest, CPU_MICRO_BATCH)
+        else:
+            chosen = largest_fitting(largest, lambda size: self._fits(model, size, seq_len))
+        if self.world_size > 1:
+            agreed = torch.tensor([chosen], device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            chosen = int(agreed.item())
+        self.log.print(f"micro_batch_size auto: {chosen}" + (" (the largest that fits)" if self.device.type == "cuda"
+                                                           else f" (at most {CPU_MICRO_BATCH} off CUDA)"))
+        return chosen
+
+    def _fits(self, model: torch.nn.Module, size: int, seq_len: int) -> bool:
+        """Whether a forward and backward of `size` sequences fits in memory beside AdamW's state, which
+        the first step allocates (two float32 tensors per parameter): a stand-in holds its place."""
+        adam_state = tokens = None
+        try:
+            adam_state = torch.empty(2 * sum(p.numel() for p in model.parameters()), device=self.device)
+            tokens = torch.randint(0, model.config.vocab_size, (size, seq_len + 1), device=self.device)
+            with self.autocast():
+                _, loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            del adam_state, tokens
+            torch.cuda.empty_cache()
 
     # -- checkpoints ---------------------------------------------------------------------------------
 

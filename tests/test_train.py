@@ -574,3 +574,46 @@ def test_checkpoints_by_time(shakespeare_shards: Path, tmp_path: Path, monkeypat
                      "--keep-checkpoints", "0"])
     saved = sorted(path.name for path in (tmp_path / "log" / "checkpoints").iterdir())
     assert saved == ["step_000002", "step_000005", "step_000006"]  # 45 and 31 minutes, then the end
+
+
+def test_micro_batch_auto_halves_on_out_of_memory_and_records_its_choice(shakespeare_shards: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.runlog import RunLog
+    from core.training import TrainingRun, largest_fitting
+
+    # The search on its own, through the trial that CUDA runs, with an OOM simulated above 4 sequences.
+    run = TrainingRun(TrainConfig(device="cpu"), train_gpt2.Distributed(0, 0, 1, torch.device("cpu")),
+                      RunLog(tmp_path, enabled=False))
+    model = GPT(GPTConfig(block_size=32, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
+    forward, tried = GPT.forward, []
+
+    def forward_or_oom(self: GPT, idx: torch.Tensor, *args: object, **kwargs: object) -> tuple:
+        tried.append(idx.size(0))
+        if idx.size(0) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", forward_or_oom)
+    assert largest_fitting(32, lambda size: run._fits(model, size, 32)) == 4 and tried == [32, 16, 8, 4]
+    assert all(param.grad is None for param in model.parameters())  # the trials leave no gradients behind
+    monkeypatch.undo()
+    # In a run: the choice is printed and recorded in config.toml (off CUDA: the largest divisor, up to 16).
+    result = train(shakespeare_shards, tmp_path / "log", "--micro-batch-size", "auto", "--total-batch-size", "256",
+                   "--max-steps", "1")
+    assert result.returncode == 0, result.stderr
+    assert "micro_batch_size auto: 8" in result.stdout  # 256 tokens / 32 = 8 sequences
+    assert TrainConfig.read_toml(tmp_path / "log" / "config.toml")["micro_batch_size"] == 8
+
+
+def test_out_of_memory_in_training_is_one_line_naming_the_setting(shakespeare_shards: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.training import TrainingRun
+
+    def oom(self: TrainingRun, *args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.28 GiB (simulated)")
+
+    monkeypatch.setattr(TrainingRun, "step", oom)
+    with pytest.raises(UserError, match=r"^out of memory on cpu: lower --micro-batch-size \(now 4;") as raised:
+        train_gpt2.main(["--data-dir", str(shakespeare_shards), "--log-dir", str(tmp_path / "log"), *SMALL,
+                         "--total-batch-size", "128", "--max-steps", "2"])
+    assert "\n" not in str(raised.value)
