@@ -211,8 +211,10 @@ class Trainer:
     def _report_step(self, result: StepResult, seconds: float) -> None:
         tokens_per_second = self.config.total_batch_size / seconds
         mfu = self.flops_per_step / seconds / (self.peak * self.distributed.world_size) if self.peak else None
+        on_cuda = self.device.type == "cuda"
+        memory = {"peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30} if on_cuda else {}
         self.log.record("train", self.step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
-                        tokens_per_second=tokens_per_second, mfu=mfu, ms=seconds * 1000)
+                        tokens_per_second=tokens_per_second, mfu=mfu, ms=seconds * 1000, **memory)
         mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
         if self.log.bar is None or self.step % 10 == 0:
             self.log.print(f"step {self.step:5d} | loss {result.loss:.6f} | lr {result.lr:.4e} | norm "

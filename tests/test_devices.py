@@ -4,6 +4,9 @@ errors for what this machine lacks."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,7 @@ from core.errors import UserError
 from core.shards import shard_path, write_shard
 from model import GPT, GPTConfig
 from tests.data_paths import HELLASWAG
-from tests.stages import run_stage
+from tests.stages import HANG_GUARD_SECONDS, run_stage
 
 
 def test_auto_on_a_cpu_machine_is_cpu_and_float32(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,3 +108,16 @@ def test_what_dtype_auto_picks_in_each_stage(native: bool, tmp_path: Path, monke
                      "2", "--total-batch-size", "64", "--max-steps", "1", "--val-tokens", "0", "--hellaswag-examples",
                      "0", "--num-samples", "0", "--progress", "false"])
     assert TrainConfig.read_toml(tmp_path / "log" / "config.toml")["dtype"] == "float32"
+
+
+def test_gpu_check_explains_itself_without_a_gpu() -> None:
+    script = str(Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py")
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                            timeout=HANG_GUARD_SECONDS)
+    assert result.returncode == 0 and "one line per check" in result.stdout
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env,
+                            timeout=HANG_GUARD_SECONDS)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "gpu_check.py needs a CUDA GPU, and this machine has none (torch.cuda.is_available() is False)"]
