@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import finetune_mc
 import fineweb
@@ -617,3 +618,40 @@ def test_out_of_memory_in_training_is_one_line_naming_the_setting(shakespeare_sh
         train_gpt2.main(["--data-dir", str(shakespeare_shards), "--log-dir", str(tmp_path / "log"), *SMALL,
                          "--total-batch-size", "128", "--max-steps", "2"])
     assert "\n" not in str(raised.value)
+
+
+class Float64Spy(TorchDispatchMode):
+    """Records every op that makes a float64 tensor: MPS has none (pytorch#122602)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[str] = []
+
+    def __torch_dispatch__(self, func: object, types: object, args: tuple = (), kwargs: dict | None = None) -> object:
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+            self.made.append(str(func))
+        return out
+
+
+def test_the_mps_branch_of_validation_and_accuracy_makes_no_float64(shakespeare_shards: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The val loss and multiple-choice accuracy sum in float64, except on MPS: with the MPS branch forced
+    (the sums' dtype is the one place the two differ), no op makes a float64 tensor."""
+    from core import devices, multiple_choice
+
+    as_on_mps = lambda device: devices.accumulation_dtype(torch.device("mps"))  # noqa: E731
+    assert as_on_mps(None) == torch.float32 and devices.accumulation_dtype(torch.device("cpu")) == torch.float64
+    monkeypatch.setattr(train_gpt2, "accumulation_dtype", as_on_mps)
+    monkeypatch.setattr(multiple_choice, "accumulation_dtype", as_on_mps)
+    trainer = train_gpt2.Trainer(train_gpt2.parse_config(["--data-dir", str(shakespeare_shards), "--log-dir",
+                                                          str(tmp_path / "log"), *SMALL, "--val-tokens", "1024"]),
+                                 train_gpt2.Distributed(0, 0, 1, torch.device("cpu")))
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
+    questions = [multiple_choice.Encoded(i, i % 2, ([1, 2, 3, 4], [5, 6, 7])) for i in range(4)]
+    scorer = multiple_choice.MultipleChoiceModel(gpt, multiple_choice.ChoiceHead(16, 0.0))
+    spy = Float64Spy()
+    with spy:
+        val_loss = trainer.validation_loss()
+        accuracy = multiple_choice.accuracy(scorer, questions, batch_size=2)
+    assert spy.made == [] and math.isfinite(val_loss) and 0 <= accuracy <= 1
