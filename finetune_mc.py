@@ -52,7 +52,7 @@ from core.multiple_choice import (
 from core.optim import linear_learning_rate, make_optimizer
 from core.pretrained import load_model_and_tokenizer
 from core.runlog import RunLog
-from core.training import TrainingRun
+from core.training import TrainingRun, out_of_memory_as_one_line
 from model import GPT
 
 BEST_FOLDER = "best"
@@ -300,7 +300,8 @@ class Finetuner:
 
 def main(argv: list[str] | None = None) -> None:
     config = FinetuneConfig.from_argv(argv, __doc__)
-    with distributed_run(config.device) as distributed:
+    with distributed_run(config.device) as distributed, \
+            out_of_memory_as_one_line(distributed.device, config.micro_batch_size):
         Finetuner(config, distributed).train()
 
 

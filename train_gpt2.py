@@ -41,7 +41,7 @@ from core.pretrained import load_model
 from core.runlog import RunLog
 from core.shards import list_shards
 from core.tokenizer import get_tokenizer
-from core.training import StepResult, TrainingRun
+from core.training import StepResult, TrainingRun, out_of_memory_as_one_line
 from model import GPT, GPTConfig
 
 
@@ -279,13 +279,9 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
-    with distributed_run(config.device) as distributed:
-        try:
-            Trainer(config, distributed).train()
-        except torch.OutOfMemoryError:
-            size = "auto" if config.micro_batch_size is None else config.micro_batch_size
-            raise UserError(f"out of memory on {distributed.device}: lower --micro-batch-size (now {size}; "
-                            "gradient accumulation keeps the batch), or set it to auto") from None
+    with distributed_run(config.device) as distributed, \
+            out_of_memory_as_one_line(distributed.device, config.micro_batch_size):
+        Trainer(config, distributed).train()
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,17 @@ from core.runlog import METRICS_FILE, RunLog
 from core.tokenizer import Tokenizer
 
 CPU_MICRO_BATCH = 16  # micro_batch_size = "auto" off CUDA
+
+
+@contextmanager
+def out_of_memory_as_one_line(device: torch.device, micro_batch_size: int | None) -> Iterator[None]:
+    """An out-of-memory error in a trainer becomes one line naming the setting to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        size = "auto" if micro_batch_size is None else micro_batch_size
+        raise UserError(f"out of memory on {device}: lower --micro-batch-size (now {size}; gradient accumulation "
+                        "keeps the batch)" + (", or set it to auto" if micro_batch_size is not None else "")) from None
 
 
 def largest_fitting(largest: int, fits: Callable[[int], bool]) -> int:
