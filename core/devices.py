@@ -43,8 +43,9 @@ def resolve_dtype(name: str, device: torch.device, cpu_bfloat16: bool = False) -
     """`auto` is bfloat16 on GPUs with native support and float32 everywhere else (CPU kernels for
     bfloat16 are slow on most processors, and float16 needs loss scaling to train). With
     `cpu_bfloat16`, `auto` is also bfloat16 on CPUs with native bfloat16 units (AVX512-BF16 or AMX on
-    x86, BF16 on Arm): sample.py asks for it, while evaluation keeps float32 on the CPU so that its
-    numbers stay comparable with the published ones, and training keeps its bit-exact CPU runs."""
+    x86, BF16 on Arm): sampling and training ask for it (their steps ran faster so, measured on the
+    machines the README's benchmark tables name), while evaluation keeps float32 on the CPU so that its
+    numbers stay comparable with the published ones."""
     if name == "auto":
         # Native bfloat16 arrived with Ampere (compute capability 8); older GPUs only emulate it, slowly.
         if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:

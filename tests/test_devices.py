@@ -85,8 +85,8 @@ def test_cpuinfo_fields_are_read_from_the_real_file() -> None:
 @pytest.mark.parametrize("native", [False, True], ids=["float32-only-cpu", "native-bfloat16-cpu"])
 def test_what_dtype_auto_picks_in_each_stage(native: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture) -> None:
-    """Forced either way, whatever this machine's CPU has: sample.py takes bfloat16 on a CPU with bfloat16
-    units, hellaswag.py and train_gpt2.py keep float32 on every CPU."""
+    """Forced either way, whatever this machine's CPU has: sample.py and train_gpt2.py take bfloat16 on a
+    CPU with bfloat16 units, hellaswag.py keeps float32 on every CPU."""
     monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: native)
     checkpoint = tmp_path / "model"
     save_checkpoint(checkpoint, GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)), "gpt2")
@@ -106,8 +106,8 @@ def test_what_dtype_auto_picks_in_each_stage(native: bool, tmp_path: Path, monke
     train_gpt2.main(["--data-dir", str(data), "--log-dir", str(tmp_path / "log"), *on_cpu, "--n-layer", "1",
                      "--n-head", "2", "--n-embd", "16", "--block-size", "32", "--seq-len", "32", "--micro-batch-size",
                      "2", "--total-batch-size", "64", "--max-steps", "1", "--val-tokens", "0", "--hellaswag-examples",
-                     "0", "--num-samples", "0", "--progress", "false"])
-    assert TrainConfig.read_toml(tmp_path / "log" / "config.toml")["dtype"] == "float32"
+                     "0", "--num-samples", "0", "--progress", "false", "--peak-flops", "1e12"])
+    assert TrainConfig.read_toml(tmp_path / "log" / "config.toml")["dtype"] == ("bfloat16" if native else "float32")
 
 
 def test_gpu_check_explains_itself_without_a_gpu() -> None:
