@@ -139,10 +139,12 @@ class TrainingRun:
     def minutes_since_save(self) -> float:
         """Minutes since the last checkpoint of this process (or its start), as rank 0's clock says: the
         ranks must agree on whether it is time to save."""
-        minutes = torch.tensor([(time.monotonic() - self.saved_at) / 60], device=self.device)
-        if self.world_size > 1:
-            dist.broadcast(minutes, src=0)
-        return minutes.item()
+        minutes = (time.monotonic() - self.saved_at) / 60
+        if self.world_size == 1:
+            return minutes  # no tensor, so no device sync at every step
+        shared = torch.tensor([minutes], device=self.device)
+        dist.broadcast(shared, src=0)
+        return shared.item()
 
     def agree(self, flag: bool) -> bool:
         """True on every rank when any rank has it."""
