@@ -5,31 +5,33 @@ most likely. As in build-nanogpt: context tokens = encode(ctx), ending tokens = 
 and only the ending tokens are scored. `acc` picks the smallest summed loss, `acc_norm` the smallest
 mean loss per token.
 
-Speed: the context is computed once for all its endings. Each example becomes one packed row,
-context then every ending, where an ending attends to the context and to itself only, its
-positions restarting where the context ends. Rows of similar length are batched together.
+Speed: the context is computed once for all its endings, in one packed row per example, and rows
+of similar length are batched together (core/scoring.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
 
-import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from core.cache import cache_dir
 from core.errors import UserError
+from core.scoring import (
+    Candidate,
+    Score,
+    gather_from_ranks,
+    pack_question,
+    score_packed,
+    scored_batches,
+    share_of_this_rank,
+)
 from core.tokenizer import Tokenizer
 from model import GPT
-
-Item = TypeVar("Item")
 
 # GPT2_TOOLKIT_HELLASWAG_URL points the download at a mirror (or, in the tests, at a local server).
 HELLASWAG_URL = os.environ.get("GPT2_TOOLKIT_HELLASWAG_URL",
@@ -168,76 +170,23 @@ def _parse_hellaswag_line(line: str, where: str) -> tuple[str, list[str], int]:
 
 # --- scoring ------------------------------------------------------------------------------------
 
-def packed_length(example: Example) -> int:
-    return len(example.context) + sum(len(ending) for ending in example.endings)
+def candidates(example: Example) -> list[Candidate]:
+    """The example's endings, each read after the context and scored on its own tokens."""
+    n = len(example.context)
+    return [Candidate(example.context + ending, n, n + len(ending)) for ending in example.endings]
 
 
-def pack(examples: list[Example], device: torch.device) -> dict[str, torch.Tensor]:
-    """One row per example: context, then each ending (shapes in the comments; T = longest row).
-
-    Returns the model inputs `idx` (B, T), `positions` (B, T) and `attn_mask` (B, 1, T, T), and for
-    every scored token its row, the column whose logits predict it, its id, and which (example,
-    ending) it belongs to. The first token of every ending is predicted from the last context token.
-    """
-    T = max(packed_length(example) for example in examples)
-    B = len(examples)
-    idx = torch.zeros(B, T, dtype=torch.long)
-    positions = torch.zeros(B, T, dtype=torch.long)
-    segment = torch.full((B, T), -2, dtype=torch.long)  # -1 context, k ending k, -2 padding
-    rows, columns, targets, owners = [], [], [], []
-    for b, example in enumerate(examples):
-        n_ctx = len(example.context)
-        idx[b, :n_ctx] = torch.tensor(example.context)
-        positions[b, :n_ctx] = torch.arange(n_ctx)
-        segment[b, :n_ctx] = -1
-        start = n_ctx
-        for k, ending in enumerate(example.endings):
-            end = start + len(ending)
-            idx[b, start:end] = torch.tensor(ending)
-            positions[b, start:end] = torch.arange(n_ctx, n_ctx + len(ending))
-            segment[b, start:end] = k
-            predictors = [n_ctx - 1, *range(start, end - 1)]  # the column before each ending token
-            rows += [b] * len(ending)
-            columns += predictors
-            targets += ending
-            owners += [b * len(example.endings) + k] * len(ending)
-            start = end
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    same_segment = segment.unsqueeze(2) == segment.unsqueeze(1)  # (B, T, T)
-    key_is_context = (segment == -1).unsqueeze(1)  # (B, 1, T)
-    attn_mask = causal & (same_segment | key_is_context)  # padding attends to itself: no empty rows
-    tensors = dict(idx=idx, positions=positions, attn_mask=attn_mask.unsqueeze(1), rows=torch.tensor(rows),
-                   columns=torch.tensor(columns), targets=torch.tensor(targets), owners=torch.tensor(owners))
-    return {name: tensor.to(device) for name, tensor in tensors.items()}
+def result(example: Example, scores: list[Score]) -> Result:
+    sums, means = [score.loss_sum for score in scores], [score.mean_loss for score in scores]
+    return Result(example.index, example.label, pred=sums.index(min(sums)), pred_norm=means.index(min(means)),
+                  sum_losses=sums, mean_losses=means)
 
 
-@torch.inference_mode()
 def score_batch(model: GPT, examples: list[Example]) -> list[Result]:
     """Results for a batch of examples, in one forward pass."""
-    device = model.device
-    n_endings = len(examples[0].endings)
-    if any(len(example.endings) != n_endings for example in examples):
-        raise ValueError("all examples of a batch must have the same number of endings")
-    batch = pack(examples, device)
-    hidden = model.hidden_states(batch["idx"], positions=batch["positions"], attn_mask=batch["attn_mask"])
-    scored = model.logits(hidden[batch["rows"], batch["columns"]]).float()  # (tokens, vocab): only what is scored
-    token_losses = F.cross_entropy(scored, batch["targets"], reduction="none")
-    n = len(examples) * n_endings
-    sums = torch.zeros(n, device=device).index_add_(0, batch["owners"], token_losses)
-    counts = torch.zeros(n, device=device).index_add_(0, batch["owners"], torch.ones_like(token_losses))
-    sums, means = sums.view(-1, n_endings), (sums / counts).view(-1, n_endings)
-    preds, preds_norm = sums.argmin(dim=1).tolist(), means.argmin(dim=1).tolist()
-    sums, means = sums.tolist(), means.tolist()
-    return [Result(example.index, example.label, preds[i], preds_norm[i], sums[i], means[i])
-            for i, example in enumerate(examples)]
-
-
-def batches_by_length(items: list[Item], batch_size: int, length: Callable[[Item], int]) -> Iterator[list[Item]]:
-    """Batches of items of similar `length`, so that little compute goes to padding; the longest
-    first, so that a batch too large for memory fails at once."""
-    ordered = sorted(items, key=length, reverse=True)
-    for start in range(0, len(ordered), batch_size):
-        yield ordered[start : start + batch_size]
+    scores = score_packed(model, [pack_question(candidates(example)) for example in examples],
+                          [len(example.endings) for example in examples])
+    return [result(example, example_scores) for example, example_scores in zip(examples, scores, strict=True)]
 
 
 def check_fits(model: GPT, examples: list[Example]) -> None:
@@ -254,33 +203,28 @@ def check_fits(model: GPT, examples: list[Example]) -> None:
 
 
 def score_examples(model: GPT, examples: list[Example], batch_size: int = 16, progress: bool = True,
-             desc: str = "hellaswag") -> list[Result]:
+                   desc: str = "hellaswag") -> list[Result]:
     """Score this process's share of `examples` (in eval mode): all of them alone, every world_size-th
     one under torch.distributed. Results come back in example order; `gather_results` collects all ranks'."""
     check_fits(model, examples)
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = examples[rank::world_size]
+    mine = share_of_this_rank(examples)
     results: list[Result] = []
     correct = correct_norm = 0
-    with (tqdm(total=len(mine), desc=desc, unit="ex", disable=not progress or rank != 0, leave=False) as bar,
-          model.evaluating()):
-        for batch in batches_by_length(mine, batch_size, packed_length):
-            batch_results = score_batch(model, batch)
+    show = progress and (not dist.is_initialized() or dist.get_rank() == 0)
+    with (tqdm(total=len(mine), desc=desc, unit="ex", disable=not show, leave=False) as bar, model.evaluating()):
+        for indices, scores in scored_batches(model, [candidates(example) for example in mine], batch_size):
+            batch_results = [result(mine[i], example_scores) for i, example_scores in zip(indices, scores, strict=True)]
             results += batch_results
             correct += sum(r.pred == r.label for r in batch_results)
             correct_norm += sum(r.pred_norm == r.label for r in batch_results)
-            bar.update(len(batch))
+            bar.update(len(batch_results))
             bar.set_postfix(acc=f"{correct / len(results):.4f}", acc_norm=f"{correct_norm / len(results):.4f}")
     return sorted(results, key=lambda r: r.index)
 
 
 def gather_results(results: list[Result]) -> list[Result]:
     """Every rank's results, in example order, on every rank (a no-op without torch.distributed)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return results
-    everyone: list[list[Result] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, results)
-    return sorted((r for rank_results in everyone for r in rank_results), key=lambda r: r.index)
+    return gather_from_ranks(results, key=lambda r: r.index)
 
 
 def summarize(results: list[Result]) -> dict[str, float | int]:

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from core.checkpoint import read_meta
 from core.devices import accumulation_dtype
 from core.errors import UserError
-from core.evaluation import Example, batches_by_length, read_hellaswag_rows, tokenize_example
+from core.evaluation import Example, read_hellaswag_rows, tokenize_example
 from core.pretrained import load_model_and_tokenizer
+from core.scoring import batches_by_length
 from core.tokenizer import Tokenizer, added_tokens, with_added_tokens
 from core.weights import read_tensor_file
 from model import GPT
