@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from core.devices import resolve_device
+from core.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -59,3 +63,24 @@ def distributed_run(device_name: str = "auto") -> Iterator[Distributed]:
         yield distributed
     finally:
         close_distributed()
+
+
+def fetch_once_per_node(fetch: Callable[[], T]) -> T:
+    """`fetch()` (a download into the cache, say) on the first rank of each node while the other ranks
+    wait, since nodes rarely share ~/.cache; then on every rank, which finds it in its node's cache. A
+    UserError of that first fetch ends every rank with the same message: the others would otherwise
+    wait for it forever."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fetch()
+    failure = None
+    if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
+        try:
+            fetch()
+        except UserError as error:
+            failure = str(error)
+    failures: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)  # every rank waits here for its node's fetch
+    failure = next((failure for failure in failures if failure is not None), None)
+    if failure is not None:
+        raise UserError(failure)
+    return fetch()

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch.distributed as dist
 from tqdm import tqdm
 
-from core.cache import cache_dir
+from core.cache import cache_dir, download
+from core.distributed import fetch_once_per_node
 from core.errors import UserError
 from core.scoring import (
     Candidate,
@@ -67,58 +68,24 @@ def hellaswag_file(path: Path | None = None) -> Path:
         return path
     cached = CACHE_DIR / "hellaswag" / "hellaswag_val.jsonl"
     if not cached.is_file():
-        download(HELLASWAG_URL, cached)
+        download(HELLASWAG_URL, cached, looks_right=_is_hellaswag, what="HellaSwag JSONL",
+                 advice=f"Offline, pass a local copy of hellaswag_val.jsonl with --data PATH, or put it at {cached}")
     return cached
 
 
 def hellaswag_file_on_every_rank(path: Path | None = None) -> Path:
-    """`hellaswag_file` under torch.distributed: the first rank of each node downloads into that node's
-    cache (nodes rarely share ~/.cache), the others wait, and a failure ends every rank with the same
-    message (the others would otherwise wait for it forever)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return hellaswag_file(path)
-    failure = None
-    if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:  # the first rank of each node, for its own cache
-        try:
-            hellaswag_file(path)
-        except UserError as error:
-            failure = str(error)
-    failures: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, failure)  # every rank waits here for its node's download
-    failure = next((failure for failure in failures if failure is not None), None)
-    if failure is not None:
-        raise UserError(failure)
-    return hellaswag_file(path)  # in this node's cache now: every rank reads its own node's copy
+    """`hellaswag_file` under torch.distributed, downloaded once per node (see `fetch_once_per_node`)."""
+    return fetch_once_per_node(lambda: hellaswag_file(path))
 
 
-def download(url: str, destination: Path) -> None:
-    """Fetch `url` into `destination` through a temporary file, so that a failed download leaves nothing."""
-    import requests
-
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".partial")
-    try:
-        with requests.get(url, stream=True, timeout=30) as response:
-            response.raise_for_status()
-            total = int(response.headers.get("content-length", 0)) or None
-            with open(partial, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
-                                                 desc=f"downloading {destination.name}") as bar:
-                for chunk in response.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except requests.RequestException as error:
-        partial.unlink(missing_ok=True)
-        raise UserError(f"cannot download {url} ({type(error).__name__}). Offline, pass a local copy of "
-                        f"hellaswag_val.jsonl with --data PATH, or put it at {destination}") from None
-    with open(partial, encoding="utf-8", errors="replace") as f:
+def _is_hellaswag(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as f:
         first = f.readline()
     try:
         json.loads(first)["endings"]
     except (json.JSONDecodeError, KeyError, TypeError):  # e.g. a proxy's HTML page, served with status 200
-        partial.unlink()
-        raise UserError(f"{url} did not return HellaSwag JSONL (it starts {first[:60]!r}); "
-                        "download it yourself and pass --data PATH") from None
-    partial.rename(destination)
+        return False
+    return True
 
 
 def read_hellaswag(path: Path, encoding: Tokenizer, limit: int | None = None) -> list[Example]:
