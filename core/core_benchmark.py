@@ -373,7 +373,7 @@ def evaluate_core(model: GPT, prepared: list[PreparedTask], batch_size: int = 16
             for results in score_task(model, task, batch_size):
                 mine += results
                 bar.update(len(results))
-            results = gather_from_ranks(mine, key=lambda r: r.index)
+            results = sorted(gather_from_ranks(mine, key=lambda r: r.index), key=lambda r: r.index)
             seconds = time.perf_counter() - started
             accuracy = sum(r.correct for r in results) / len(results)
             scores.append(TaskScore(task.task.label, task.task.task_type, task.task.num_fewshot, len(results),
