@@ -21,6 +21,14 @@ import torch
 import torch.distributed as dist
 
 from core.config import TrainConfig, grad_accum_steps
+from core.core_benchmark import (
+    PreparedTask,
+    bundle_folder_on_every_rank,
+    core_metric,
+    evaluate_core,
+    prepare_this_ranks_share,
+    read_tasks,
+)
 from core.data import TokenLoader, ValSet, shard_tokenizer
 from core.devices import accumulation_dtype, to_device
 from core.distributed import Distributed, distributed_run
@@ -77,6 +85,7 @@ class Trainer:
                                   config.seed)
         self.val_set = self._val_set()
         self.examples = self._hellaswag_examples()
+        self.core_tasks = self._core_tasks()
         self.flops_per_step = flops_per_token(self.raw_model, config.seq_len) * config.total_batch_size
         self.step = 0
         self.val_loss: float | None = None
@@ -146,6 +155,21 @@ class Trainer:
             self.log.print(f"HellaSwag: {len(examples) - len(fitting)} of {len(examples)} examples are longer than "
                            f"block_size {block} and are left out")
         return fitting
+
+    def _core_tasks(self) -> list[PreparedTask]:
+        """This rank's share of the CORE examples to score at CORE evaluations; none, with one line saying
+        why, when CORE is off or its bundle cannot be had (offline)."""
+        config = self.config
+        if config.core_interval == 0:
+            return []
+        try:
+            bundle = bundle_folder_on_every_rank(Path(config.core_bundle) if config.core_bundle else None,
+                                                 flag="--core-bundle")
+            return prepare_this_ranks_share(read_tasks(bundle), self.tokenizer, self.raw_model.config.block_size,
+                                            config.core_max_per_task or None)
+        except UserError as error:
+            self.log.print(f"CORE is off for this run: {error}")
+            return []
 
     def _restore(self, folder: Path, checkpoint: tuple) -> None:
         meta, trainer_state, _ = checkpoint
@@ -224,8 +248,8 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------------
 
     def evaluate(self) -> None:
-        """Val loss, HellaSwag and samples, on the raw model (every rank takes part in the first two), then
-        the plot."""
+        """Val loss, HellaSwag, CORE (every core_interval steps) and samples, on the raw model (every rank
+        takes part in all but the samples), then the plot."""
         if self.val_set is not None:
             self.val_loss = self.validation_loss()
             self.log.record("val", self.step, val_loss=self.val_loss)
@@ -237,6 +261,14 @@ class Trainer:
             self.log.record("hellaswag", self.step, **summary)
             self.log.print(f"step {self.step:5d} | HellaSwag acc_norm {summary['acc_norm']:.4f} "
                            f"(acc {summary['acc']:.4f}, {summary['n']} examples)")
+        if self.core_tasks and (self.step % self.config.core_interval == 0 or self.step == self.config.max_steps):
+            with self.run.autocast():
+                scores, _ = evaluate_core(self.raw_model, self.core_tasks, progress=False)
+            core = core_metric(scores)
+            self.log.record("core", self.step, core=core, centered={s.label: s.centered for s in scores},
+                            tasks=len(scores), examples=sum(s.examples for s in scores))
+            self.log.print(f"step {self.step:5d} | CORE {core:.4f} ({len(scores)} tasks, "
+                           f"{sum(s.examples for s in scores)} examples)")
         if self.is_main and self.config.num_samples and self.config.sample_tokens:
             samples = self.samples()
             self.log.record("sample", self.step, samples=samples)

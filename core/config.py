@@ -197,6 +197,9 @@ class TrainConfig(Settings):
     val_tokens: int = 10_485_760  # the first tokens of the val split (build-nanogpt: 20 x 64 x 1024 x 8)
     hellaswag_examples: int = 10042  # 0 turns HellaSwag off; 10042 is the whole validation set
     hellaswag_data: str = ""  # a local hellaswag_val.jsonl; empty: the cache, downloaded on first use
+    core_interval: int = 0  # also score CORE (evaluate.py's) at evaluations whose step is a multiple of this; 0: off
+    core_max_per_task: int = 500  # the first examples of each CORE task (nanochat's choice in training); 0: all
+    core_bundle: str = ""  # an unpacked eval_bundle folder; empty: nanochat's, in the cache, downloaded on first use
     sample_prompt: str = "Hello, I'm a language model,"
     num_samples: int = 4
     sample_tokens: int = 32
@@ -219,7 +222,8 @@ class TrainConfig(Settings):
         _require(self, at_least_one=("total_batch_size", "micro_batch_size", "seq_len", "max_steps", "eval_interval",
                                      "checkpoint_interval"),
                  not_negative=("warmup_steps", "val_tokens", "hellaswag_examples", "keep_checkpoints", "num_samples",
-                               "sample_tokens", "weight_decay", "grad_clip", "peak_flops", "checkpoint_minutes"))
+                               "sample_tokens", "weight_decay", "grad_clip", "peak_flops", "checkpoint_minutes",
+                               "core_interval", "core_max_per_task"))
         self.model_config(vocab_size=1)  # the model's shape, checked where the model checks it
         if not 0 < self.max_lr < math.inf or not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"max_lr must be positive and min_lr_ratio in [0, 1], got {self.max_lr}, "

@@ -1,5 +1,6 @@
-"""Pictures of a training run, from its LOG_DIR/metrics.jsonl: losses on the left, HellaSwag on the right.
-Used by plot.py and, with `plot` on, by the training loop at every evaluation."""
+"""Pictures of a training run, from its LOG_DIR/metrics.jsonl: losses on the left, HellaSwag on the right,
+and CORE beside them when the run scored it. Used by plot.py and, with `plot` on, by the training loop
+at every evaluation."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from core.errors import UserError
 
 GPT2_124M_HELLASWAG = 0.2955  # build-nanogpt's figure for OpenAI GPT-2 124M
 GPT3_SMALL_HELLASWAG = 0.337  # GPT-3 paper, table 3.6 (GPT-3 Small, zero-shot)
+# CORE over DCLM's 22 tasks, from the CSVs of nanochat's eval bundle (its dev/estimate_gpt3_core.ipynb).
+GPT2_124M_CORE = 0.1139
+GPT2_XL_CORE = 0.2565
 
 
 def read_metrics(log_dir: Path) -> dict[str, list[dict]]:
@@ -28,6 +32,17 @@ def read_metrics(log_dir: Path) -> dict[str, list[dict]]:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{path}:{number}: not a metrics record") from None
     return by_kind
+
+
+def plot_core(panel: object, core: list[dict]) -> None:
+    last = core[-1]
+    panel.plot([r["step"] for r in core], [r["core"] for r in core], "o-", color="tab:green", markersize=3,
+               label=f"this run (last {last['core']:.4f}, {last['tasks']} tasks, {last['examples']} examples)")
+    panel.axhline(GPT2_124M_CORE, color="tab:red", linestyle="--", label=f"OpenAI GPT-2 124M ({GPT2_124M_CORE})")
+    panel.axhline(GPT2_XL_CORE, color="tab:purple", linestyle=":", label=f"OpenAI GPT-2 1.5B ({GPT2_XL_CORE})")
+    panel.set(xlabel="step", ylabel="CORE (mean centered accuracy)", title="CORE (GPT-2's: all 22 tasks)")
+    panel.legend(loc="lower right")
+    panel.grid(alpha=0.3)
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -48,9 +63,11 @@ def plot_run(log_dir: Path, out: Path) -> Path:
 
     metrics = read_metrics(log_dir)
     train, val, hellaswag = metrics.get("train", []), metrics.get("val", []), metrics.get("hellaswag", [])
+    core = metrics.get("core", [])
     if not train and not val:
         raise UserError(f"{log_dir / 'metrics.jsonl'} holds no train or val records yet")
-    figure, (losses, accuracy) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, panels = plt.subplots(1, 3 if core else 2, figsize=(18 if core else 12, 4.5))
+    losses, accuracy = panels[:2]
     if train:
         steps, values = [r["step"] for r in train], [r["loss"] for r in train]
         losses.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
@@ -71,6 +88,8 @@ def plot_run(log_dir: Path, out: Path) -> Path:
     accuracy.set(xlabel="step", ylabel="acc_norm", title="HellaSwag (build-nanogpt's method)")
     accuracy.legend(loc="lower right")
     accuracy.grid(alpha=0.3)
+    if core:
+        plot_core(panels[2], core)
     figure.suptitle(str(log_dir))
     figure.tight_layout()
     staging = out.with_name(f".{out.name}.tmp")

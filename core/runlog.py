@@ -21,7 +21,7 @@ METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "log.txt"
 # build-nanogpt's log.txt names; kinds without one ("sample") are left out of log.txt.
 _LOG_NAMES = {"train": ("train", "loss", "{:.6f}"), "val": ("val", "val_loss", "{:.4f}"),
-              "hellaswag": ("hella", "acc_norm", "{:.4f}")}
+              "hellaswag": ("hella", "acc_norm", "{:.4f}"), "core": ("core", "core", "{:.4f}")}
 
 
 class RunLog:
@@ -62,6 +62,9 @@ class RunLog:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and value is not None:
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
+                elif isinstance(value, dict):  # e.g. CORE's centered accuracy per task
+                    for name, number in value.items():
+                        self.writer.add_scalar(f"{kind}/{key}/{name}", number, step)
                 elif isinstance(value, list) and kind == "sample":
                     self.writer.add_text("sample", "\n\n".join(map(str, value)), step)
 

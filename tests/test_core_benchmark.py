@@ -43,6 +43,7 @@ from core.hf import export_hf
 from core.scoring import Candidate
 from core.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
+from tests.core_files import make_bundle, write_jsonl
 from tests.core_reference import first_lines, reference_item
 from tests.stages import HANG_GUARD_SECONDS, run_stage
 from tests.weights import redraw_weights
@@ -97,12 +98,6 @@ UNIFORM = math.log(256)  # after z, or any token that is not a letter from a to 
 
 def task(task_type: str, path: Path, shots: int = 0, delimiter: str = "", baseline: float = 0.25) -> Task:
     return Task(f"my_{task_type}", task_type, shots, delimiter, baseline, path)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 KNOWN_ITEMS = {
@@ -207,31 +202,6 @@ def test_centered_accuracy_and_core() -> None:
 
 
 # --- a hand-made bundle ---------------------------------------------------------------------------
-
-def make_bundle(folder: Path, n_items: int = 12) -> Path:
-    """A bundle in nanochat's layout with one task of each type, 2-shot, written from scratch."""
-    rng = random.Random(0)
-    words = ["the", "cat", "dog", "sat", "ran", "on", "in", "a", "big", "red", "small", "mat", "hat", "sun", "day"]
-    phrase = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
-    write_jsonl(folder / "eval_data" / "kind" / "mc.jsonl",
-                [{"query": f"Question: {phrase(6)}?", "choices": [phrase(2), phrase(3), phrase(1)], "gold": i % 3}
-                 for i in range(n_items)])
-    write_jsonl(folder / "eval_data" / "kind" / "schema.jsonl",
-                [{"context_options": [phrase(5), phrase(4)], "continuation": phrase(3), "gold": i % 2}
-                 for i in range(n_items)])
-    write_jsonl(folder / "eval_data" / "other" / "lm.jsonl",
-                [{"context": phrase(8) + " ", "continuation": phrase(2)} for _ in range(n_items)])
-    (folder / "core.yaml").write_text(
-        "icl_tasks:\n"
-        "- label: my_mc\n  dataset_uri: kind/mc.jsonl\n  num_fewshot: [2]\n  icl_task_type: multiple_choice\n"
-        "  continuation_delimiter: \"\\nAnswer: \"\n"
-        "- label: my_schema\n  dataset_uri: kind/schema.jsonl\n  num_fewshot: [2]\n  icl_task_type: schema\n"
-        "- label: my_lm\n  dataset_uri: other/lm.jsonl\n  num_fewshot: [2]\n  icl_task_type: language_modeling\n")
-    (folder / "eval_meta_data.csv").write_text(
-        "Eval Task,Task Category,Random baseline,Description\n"
-        "my_mc,kind,33.3333,three choices\nmy_schema,kind,50,two options\nmy_lm,other,0,\"exact, greedy\"\n")
-    return folder
-
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -29,6 +29,7 @@ from core.errors import UserError
 from core.optim import decay_groups, learning_rate
 from core.shards import list_shards, open_shard, write_shard
 from model import GPT, GPTConfig
+from tests.core_files import make_bundle
 from tests.data_paths import HELLASWAG, SHAKESPEARE
 from tests.stages import HANG_GUARD_SECONDS
 
@@ -503,6 +504,43 @@ def test_missing_hellaswag_data_offline_is_one_line_and_the_run_goes_on(shakespe
     lines = [line for line in result.stdout.splitlines() if "HellaSwag" in line]
     assert len(lines) == 1 and lines[0].startswith("HellaSwag is off for this run: cannot download"), result.stdout
     assert not records(tmp_path / "log", "hellaswag")
+
+
+def test_core_in_a_run_goes_to_metrics_log_tensorboard_and_the_plot(shakespeare_shards: Path,
+                                                                   tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    bundle = make_bundle(tmp_path / "bundle")
+    log_dir = tmp_path / "log"
+    result = train(shakespeare_shards, log_dir, "--max-steps", "4", "--total-batch-size", "128", "--eval-interval",
+                   "2", "--core-interval", "4", "--core-max-per-task", "6", "--core-bundle", str(bundle),
+                   "--tensorboard")
+    assert result.returncode == 0, result.stderr
+    core = records(log_dir, "core")
+    assert [r["step"] for r in core] == [0, 4]  # at the evaluations of steps 0 and 4, not 2
+    for record in core:
+        assert set(record["centered"]) == {"my_mc", "my_schema", "my_lm"}
+        assert (record["tasks"], record["examples"]) == (3, 18)
+        assert record["core"] == pytest.approx(sum(record["centered"].values()) / 3)
+    assert [line.split()[:2] for line in (log_dir / "log.txt").read_text().splitlines() if " core " in line] == [
+        ["0", "core"], ["4", "core"]]
+    assert sum("| CORE " in line for line in result.stdout.splitlines()) == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir)).Reload()
+    assert {"core/core", "core/centered/my_mc"} <= set(events.Tags()["scalars"])
+    assert (log_dir / "plot.png").stat().st_size > 0
+
+
+def test_core_without_its_bundle_offline_is_one_line_and_the_run_goes_on(shakespeare_shards: Path,
+                                                                        tmp_path: Path) -> None:
+    result = train(shakespeare_shards, tmp_path / "log", "--max-steps", "1", "--total-batch-size", "128",
+                   "--core-interval", "1", env={"GPT2_TOOLKIT_CACHE": str(tmp_path / "cache"),
+                                                "GPT2_TOOLKIT_CORE_BUNDLE_URL": "http://127.0.0.1:9/eval_bundle.zip"})
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "CORE" in line]
+    assert len(lines) == 1 and lines[0].startswith("CORE is off for this run: cannot download"), result.stdout
+    assert "--core-bundle DIR" in lines[0]
+    assert not records(tmp_path / "log", "core")
 
 
 def test_both_trainers_take_every_step_through_the_one_step_function(shakespeare_shards: Path, tmp_path: Path,
