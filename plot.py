@@ -5,7 +5,8 @@
 
 The left panel has train loss (faint, and smoothed) and val loss against steps; the right one has
 HellaSwag acc_norm with two reference lines, measured by build-nanogpt's method (the one
-hellaswag.py uses): OpenAI GPT-2 124M at 0.2955 and GPT-3 Small at 0.337.
+hellaswag.py uses): OpenAI GPT-2 124M at 0.2955 and GPT-3 Small at 0.337. A run that scored CORE
+(core_interval) gets a third panel, with OpenAI GPT-2 124M's 0.1139 and 1.5B's 0.2565 as references.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ One module per concept.
 - Data: `documents` (local files and HF datasets as text), `corpus` (tokenizing into shards,
   resumably), `shards` (the token files, written and read), `data` (the training loader), `atomic`
   (crash-safe file writes), `cache` (the cache folder).
-- Using a model: `generation` (sampling, KV cache, the compiled decode step), `evaluation` (HellaSwag
-  and multiple-choice scoring), `matmul` (an opt-in CPU speed-up for inference).
+- Using a model: `generation` (sampling, KV cache, the compiled decode step), `scoring` (the loss and
+  greedy guess of many candidate continuations, packed), `evaluation` (HellaSwag), `core_benchmark`
+  (CORE: DCLM's tasks, nanochat's prompts), `matmul` (an opt-in CPU speed-up for inference).
 - Training: `training` (the run's set-up and the one optimizer step), `config` (settings from TOML and
   flags), `optim` (AdamW groups, LR schedules), `resume` (training checkpoints, RNG states), `runlog`
   (logs and metrics), `mfu`, `plotting`, `multiple_choice` (GPT-1's fine-tuning on Story Cloze and the
