@@ -16,8 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from core.core_benchmark import (
     TaskScore,
     bundle_folder_on_every_rank,
@@ -27,11 +25,11 @@ from core.core_benchmark import (
     read_tasks,
     write_item_results,
 )
-from core.devices import dtype_name, enable_tf32, resolve_dtype
+from core.devices import dtype_name
 from core.distributed import distributed_run
 from core.errors import exit_on_user_error
-from core.matmul import use_measured_matmuls
-from core.pretrained import add_model_arguments, load_model_and_tokenizer
+from core.pretrained import add_model_arguments
+from core.scoring import load_model_to_score, scoring_autocast
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,16 +66,11 @@ def main() -> None:
     args = parse_args()
     with distributed_run(args.device) as distributed:
         device = distributed.device
-        enable_tf32(device)
-        dtype = resolve_dtype(args.dtype, device)
-        # bfloat16 as training computes it, autocast over float32 weights, as hellaswag.py does.
-        model, tokenizer = load_model_and_tokenizer(args.model, device=device,
-                                                   dtype=torch.float16 if dtype == torch.float16 else torch.float32)
-        use_measured_matmuls(model)
+        model, tokenizer, dtype = load_model_to_score(args.model, device, args.dtype)
         tasks = read_tasks(bundle_folder_on_every_rank(args.bundle), args.tasks)
         prepared = prepare_this_ranks_share(tasks, tokenizer, model.config.block_size, args.max_per_task)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with scoring_autocast(device, dtype):
             scores, results = evaluate_core(model, prepared, args.batch_size, progress=not args.no_progress)
         elapsed = time.perf_counter() - start
         if not distributed.is_main:

@@ -14,9 +14,7 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from core.devices import dtype_name, enable_tf32, resolve_dtype
+from core.devices import dtype_name
 from core.distributed import distributed_run
 from core.errors import exit_on_user_error
 from core.evaluation import (
@@ -27,8 +25,8 @@ from core.evaluation import (
     summarize,
     write_results,
 )
-from core.matmul import use_measured_matmuls
-from core.pretrained import add_model_arguments, load_model_and_tokenizer
+from core.pretrained import add_model_arguments
+from core.scoring import load_model_to_score, scoring_autocast
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,17 +48,11 @@ def main() -> None:
     args = parse_args()
     with distributed_run(args.device) as distributed:
         device = distributed.device
-        enable_tf32(device)
-        dtype = resolve_dtype(args.dtype, device)
-        # bfloat16 as training computes it, autocast over float32 weights, so that this number and the
-        # training run's HellaSwag agree on the same checkpoint.
-        model, tokenizer = load_model_and_tokenizer(args.model, device=device,
-                                                   dtype=torch.float16 if dtype == torch.float16 else torch.float32)
-        use_measured_matmuls(model)
+        model, tokenizer, dtype = load_model_to_score(args.model, device, args.dtype)
         path = hellaswag_file_on_every_rank(args.data)
         examples = read_hellaswag(path, tokenizer, limit=args.limit)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with scoring_autocast(device, dtype):
             results = gather_results(score_examples(model, examples, args.batch_size, progress=not args.no_progress))
         elapsed = time.perf_counter() - start
         if distributed.is_main:

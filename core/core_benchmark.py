@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from core.cache import cache_dir, download
 from core.distributed import fetch_once_per_node
-from core.errors import UserError
+from core.errors import UserError, json_object
 from core.scoring import Candidate, common_prefix_length, common_suffix_length, gather_from_ranks, scored_batches
 from core.tokenizer import Tokenizer
 from model import GPT
@@ -239,12 +239,7 @@ def read_items(task: Task, limit: int | None = None) -> list[dict]:
 
 
 def _parse_item(line: str, task_type: str, where: str) -> dict:
-    try:
-        item = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{where}: invalid JSON ({error.msg})") from None
-    if not isinstance(item, dict):
-        raise UserError(f"{where}: expected a JSON object")
+    item = json_object(line, where)
     for field in _FIELDS[task_type]:
         if field not in item:
             raise UserError(f"{where}: missing field {field!r} (a {task_type} item has "

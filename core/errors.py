@@ -15,6 +15,19 @@ class UserError(Exception):
     """A problem with the user's input that deserves a one-line message."""
 
 
+def json_object(line: str, where: str) -> dict:
+    """One line of a user's JSONL file as a dict, or a UserError naming `where` (its file and line)."""
+    import json
+
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{where}: invalid JSON ({error.msg})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    return row
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (or its type's name), for a one-line report."""
     text = str(error).strip()

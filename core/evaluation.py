@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from core.cache import cache_dir, download
 from core.distributed import fetch_once_per_node
-from core.errors import UserError
+from core.errors import UserError, json_object
 from core.scoring import (
     Candidate,
     Score,
@@ -114,12 +114,7 @@ def tokenize_example(index: int, context: str, endings: list[str], label: int, e
 
 
 def _parse_hellaswag_line(line: str, where: str) -> tuple[str, list[str], int]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{where}: invalid JSON ({error.msg})") from None
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object")
+    row = json_object(line, where)
     for field in ("ctx", "endings", "label"):
         if field not in row:
             raise UserError(f"{where}: missing field {field!r}")

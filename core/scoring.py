@@ -22,9 +22,30 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from core.devices import enable_tf32, resolve_dtype
+from core.matmul import use_measured_matmuls
+from core.pretrained import load_model_and_tokenizer
+from core.tokenizer import Tokenizer
 from model import GPT
 
 Item = TypeVar("Item")
+
+
+def load_model_to_score(spec: str, device: torch.device, dtype_setting: str) -> tuple[GPT, Tokenizer, torch.dtype]:
+    """The model and tokenizer of `spec`, and the dtype that `dtype_setting` (auto, float32, ...) means on
+    `device`. Scored as training computes it: float32 weights, under `scoring_autocast` for bfloat16, so
+    that a stage's number and the training run's agree on the same checkpoint (float16 keeps float16
+    weights); TF32 on CUDA; the CPU's faster matmul formulation (core/matmul.py)."""
+    enable_tf32(device)
+    dtype = resolve_dtype(dtype_setting, device)
+    model, tokenizer = load_model_and_tokenizer(spec, device=device,
+                                                dtype=torch.float16 if dtype == torch.float16 else torch.float32)
+    use_measured_matmuls(model)
+    return model, tokenizer, dtype
+
+
+def scoring_autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
 @dataclass(frozen=True)
