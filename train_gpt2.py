@@ -43,7 +43,7 @@ from core.evaluation import (
 )
 from core.generation import Sampling, fit_to_context, generate
 from core.mfu import flops_per_token, peak_flops
-from core.optim import learning_rate, make_optimizer
+from core.optim import build_optimizer, load_optimizer_state, scheduled_learning_rate
 from core.plotting import plot_run
 from core.pretrained import load_model
 from core.runlog import RunLog
@@ -78,8 +78,9 @@ class Trainer:
             self.config = config = replace(config, micro_batch_size=chosen)
         self.accum = grad_accum_steps(config, distributed.world_size)
         self.train_model = self.run.wrap(self.raw_model)
-        self.optimizer = make_optimizer(self.raw_model, config.max_lr, config.weight_decay,
-                                        (config.beta1, config.beta2), config.eps, self.device)
+        self.optimizer = build_optimizer(config.optimizer, self.raw_model, config.max_lr, config.weight_decay,
+                                         (config.beta1, config.beta2), config.eps, self.device, config.muon_lr,
+                                         config.muon_momentum, config.muon_weight_decay)
         self.loader = TokenLoader(config.data_dir, "train", config.micro_batch_size, config.seq_len,
                                   self.tokenizer_name, distributed.rank, distributed.world_size, config.shuffle,
                                   config.seed)
@@ -173,7 +174,7 @@ class Trainer:
 
     def _restore(self, folder: Path, checkpoint: tuple) -> None:
         meta, trainer_state, _ = checkpoint
-        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        load_optimizer_state(self.optimizer, trainer_state["optimizer"], self.config.optimizer, str(folder))
         self.loader.load_state_dict(trainer_state["loader"])
         self.step = trainer_state["step"]
         self.val_loss = meta.get("val_loss")
@@ -195,8 +196,9 @@ class Trainer:
     def train_step(self) -> StepResult:
         """One optimizer step over total_batch_size tokens."""
         config = self.config
-        lr = learning_rate(self.step, config.max_lr, config.max_lr * config.min_lr_ratio, config.warmup_steps,
-                           config.max_steps)
+        lr = scheduled_learning_rate(config.schedule_name, self.step, config.max_lr,
+                                     config.max_lr * config.min_lr_ratio, config.warmup_steps, config.max_steps,
+                                     config.decay_fraction)
         micro_batches = (self.loader.next_batch() for _ in range(self.accum))
         return self.run.step(self.train_model, self.optimizer, lr, micro_batches, self.accum, self._loss,
                              config.grad_clip, self.step)

@@ -158,6 +158,11 @@ def _require(config: Settings, at_least_one: tuple[str, ...] = (), not_negative:
             raise UserError(f"{name} must not be negative, got {getattr(config, name)}")
 
 
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{name} {value!r}: choose one of {', '.join(choices)}")
+
+
 def _check_dtype(dtype: str) -> None:
     if dtype not in ("auto", "bfloat16", "float32"):
         raise UserError(f"dtype {dtype!r} cannot train here: choose auto, bfloat16 or float32 "
@@ -192,6 +197,12 @@ class TrainConfig(Settings):
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 turns clipping off
+    optimizer: str = "adamw"  # adamw; or muon: Muon for the blocks' matrices, AdamW at max_lr for the rest
+    muon_lr: float = 0.02  # Muon's peak lr, scheduled as max_lr is
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
+    muon_weight_decay: float = 0.0  # Muon's decoupled weight decay (weight_decay is AdamW's)
+    schedule: str = "auto"  # cosine, wsd (warmup-stable-decay), or auto: cosine for adamw, wsd for muon
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays linearly to min_lr
     # evaluation, samples, checkpoints
     eval_interval: int = 250
     val_tokens: int = 10_485_760  # the first tokens of the val split (build-nanogpt: 20 x 64 x 1024 x 8)
@@ -231,6 +242,20 @@ class TrainConfig(Settings):
         if self.seq_len > self.block_size:
             raise UserError(f"seq_len {self.seq_len} is longer than block_size {self.block_size}")
         _check_dtype(self.dtype)
+        _check_choice("optimizer", self.optimizer, ("adamw", "muon"))
+        _check_choice("schedule", self.schedule, ("auto", "cosine", "wsd"))
+        if not 0 < self.decay_fraction <= 1 or not 0 < self.muon_lr < math.inf or not 0 <= self.muon_momentum < 1:
+            raise UserError(f"decay_fraction must be in (0, 1], muon_lr positive and muon_momentum in [0, 1), got "
+                            f"{self.decay_fraction}, {self.muon_lr}, {self.muon_momentum}")
+        if self.muon_weight_decay < 0:
+            raise UserError(f"muon_weight_decay must not be negative, got {self.muon_weight_decay}")
+
+    @property
+    def schedule_name(self) -> str:
+        """The schedule `auto` stands for: cosine for AdamW (GPT-3's), wsd for Muon (modded-nanogpt's)."""
+        if self.schedule != "auto":
+            return self.schedule
+        return "wsd" if self.optimizer == "muon" else "cosine"
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The shape of a model trained from scratch, for a tokenizer of `vocab_size` tokens."""

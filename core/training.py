@@ -32,6 +32,7 @@ from core.config import FinetuneConfig, TrainConfig, to_toml
 from core.devices import dtype_name, enable_tf32, resolve_dtype
 from core.distributed import Distributed
 from core.errors import UserError
+from core.optim import Optimizer, set_learning_rate
 from core.resume import (
     checkpoint_folder,
     list_checkpoints,
@@ -252,13 +253,12 @@ class TrainingRun:
 
     # -- the optimizer step -------------------------------------------------------------------------
 
-    def step(self, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float,
+    def step(self, train_model: torch.nn.Module, optimizer: Optimizer, lr: float,
              micro_batches: Iterable[Any], accum: int, loss_function: LossFunction, grad_clip: float,
              step: int) -> StepResult:
         """One optimizer step over `accum` micro-batches (see the module's docstring). A non-finite
         loss stops the run before the update, naming the run's newest checkpoint."""
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(optimizer, lr)
         totals, names = None, []
         for micro_step, batch in enumerate(micro_batches):
             last = micro_step == accum - 1

@@ -111,3 +111,16 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny Shakespeare as fineweb.py writes it: a paragraph per document, 32k val tokens, 100k-token shards."""
+    import fineweb
+    from tests.data_paths import SHAKESPEARE
+
+    out = tmp_path_factory.mktemp("shakespeare")
+    fineweb.main(["--input", str(SHAKESPEARE), "--txt-paragraphs",
+                  "--out", str(out), "--prefix", "shakespeare", "--val-tokens", "32768", "--shard-size", "100000",
+                  "--workers", "1"])
+    return out

@@ -30,7 +30,7 @@ from core.optim import decay_groups, learning_rate
 from core.shards import list_shards, open_shard, write_shard
 from model import GPT, GPTConfig
 from tests.core_files import make_bundle
-from tests.data_paths import HELLASWAG, SHAKESPEARE
+from tests.data_paths import HELLASWAG
 from tests.stages import HANG_GUARD_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,16 +39,6 @@ SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "3
          "--micro-batch-size", "4", "--warmup-steps", "2", "--max-lr", "1e-3", "--val-tokens", "0",
          "--hellaswag-examples", "0", "--num-samples", "0", "--device", "cpu", "--dtype", "float32",
          "--progress", "false"]
-
-
-@pytest.fixture(scope="session")
-def shakespeare_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny Shakespeare as fineweb.py writes it: a paragraph per document, 32k val tokens, 100k-token shards."""
-    out = tmp_path_factory.mktemp("shakespeare")
-    fineweb.main(["--input", str(SHAKESPEARE), "--txt-paragraphs",
-                  "--out", str(out), "--prefix", "shakespeare", "--val-tokens", "32768", "--shard-size", "100000",
-                  "--workers", "1"])
-    return out
 
 
 def run_script(script: Path, *args: str, cwd: Path, env: dict | None = None,
@@ -330,13 +320,15 @@ def launcher(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("dtype", "optimizer"), [("float32", "adamw"), ("bfloat16", "adamw"), ("float32", "muon")])
 def test_ddp_with_accumulation_equals_one_process(shakespeare_shards: Path, tmp_path: Path, launcher: Path,
-                                                  dtype: str) -> None:
+                                                  dtype: str, optimizer: str) -> None:
     """2 ranks x 2 micro-steps and 1 rank x 4 micro-steps see the same global batch: same weights after 3 steps,
-    and DDP all-reduces once per optimizer step, not once per micro-step. In either dtype --dtype auto may pick."""
+    and DDP all-reduces once per optimizer step, not once per micro-step. In either dtype --dtype auto may pick;
+    with Muon, whose orthogonalization the 2 ranks split between them."""
     common = ["--total-batch-size", "512", "--max-steps", "3", "--checkpoint-interval", "3", "--dropout", "0",
-              "--dtype", dtype, "--peak-flops", "1e12"]  # no bfloat16 peak to measure on a CPU without its units
+              "--dtype", dtype, "--peak-flops", "1e12",  # no bfloat16 peak to measure on a CPU without its units
+              "--optimizer", optimizer]
     # One thread, as torchrun gives each rank: the same kernels, so that bfloat16 products round alike.
     single = train(shakespeare_shards, tmp_path / "single", *common, env={"OMP_NUM_THREADS": "1"})
     assert single.returncode == 0, single.stderr
@@ -359,16 +351,16 @@ def test_ddp_with_accumulation_equals_one_process(shakespeare_shards: Path, tmp_
     assert [r["loss"] for r in records(tmp_path / "ddp", "train")] == pytest.approx(single_losses, abs=1e-5)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("dtype", "optimizer"), [("float32", "adamw"), ("bfloat16", "adamw"), ("float32", "muon")])
 @pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "torchrun-2"])
 def test_killed_run_resumes_exactly(shakespeare_shards: Path, tmp_path: Path, launcher: Path, processes: int,
-                                    dtype: str) -> None:
+                                    dtype: str, optimizer: str) -> None:
     """12 steps straight equal 6 steps, SIGKILL right after the step-6 checkpoint, then --resume auto: bitwise,
     with shuffling and dropout on, so the data position and every random state must come back; in either dtype
-    --dtype auto may pick (bfloat16 on a CPU with bfloat16 units)."""
+    --dtype auto may pick (bfloat16 on a CPU with bfloat16 units), and with Muon's momentum (and WSD)."""
     common = ["--total-batch-size", str(256 * processes), "--max-steps", "12", "--checkpoint-interval", "6",
               "--shuffle", "true", "--dropout", "0.1", "--val-tokens", "1024", "--eval-interval", "4",
-              "--dtype", dtype, "--peak-flops", "1e12"]
+              "--dtype", dtype, "--peak-flops", "1e12", "--optimizer", optimizer]
     straight = train(shakespeare_shards, tmp_path / "straight", *common, torchrun=processes if processes > 1 else 0)
     assert straight.returncode == 0, straight.stderr
     killed_log = tmp_path / "killed"
