@@ -48,6 +48,9 @@ def train(data: Path, work: Path, steps: int, seed: int, recipe: list[str]) -> l
     with contextlib.redirect_stdout(io.StringIO()):
         train_gpt2.main(argv)
     records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    if max(r["step"] for r in records if r["kind"] == "train") < steps - 1:
+        # train_gpt2.py turns Ctrl-C or SIGTERM into a checkpoint and a clean return: end the bench there
+        sys.exit("bench_recipe.py: interrupted")
     return [(r["step"] * 1024, r["val_loss"]) for r in records if r["kind"] == "val"]
 
 
