@@ -4,7 +4,8 @@
     python bench/gpu_check.py --keep tmp/gpu  # keep the runs' folders for a look
 
 No machine of the team's CI has a GPU, so this is the one place where the CUDA code runs: compile, bf16
-autocast, fused AdamW, NCCL, CUDA graphs, the memory-bounded loss, micro_batch_size = "auto". Each check
+autocast, fused AdamW, Muon's bf16 Newton-Schulz, NCCL, CUDA graphs, the memory-bounded loss,
+micro_batch_size = "auto". Each check
 runs the stage scripts as a user does (on tiny Shakespeare, shipped in data/) or the core functions
 directly, and says what it compared when it fails. Exit status 1 when any check failed.
 """
@@ -68,6 +69,20 @@ def check_training(shards: Path, folder: Path) -> str:
     mfu_text = f"MFU {100 * mfu:.1f}%" if mfu else "MFU unknown (this GPU is not in core/mfu.py's table)"
     return (f"loss {first:.2f} -> {last:.2f}; {steps[-1]['tokens_per_second']:,.0f} tokens/s, {mfu_text}, peak "
             f"memory {steps[-1]['peak_memory_gib']:.1f} GiB; {micro}")
+
+
+def check_muon(shards: Path, folder: Path, gpus: int) -> str:
+    """30 compiled bf16 steps of the 124M shape with Muon (bf16 Newton-Schulz on CUDA) and WSD, on every GPU
+    (the orthogonalization split over the ranks): the loss falls by more than AdamW's check asks."""
+    log_dir = folder / "muon"
+    train(shards, log_dir, "--compile", "true", "--dtype", "bfloat16", "--micro-batch-size", "4",
+          "--total-batch-size", str(4 * 1024 * gpus * 4), "--max-steps", "30", "--warmup-steps", "5",
+          "--max-lr", "1e-3", "--optimizer", "muon", "--checkpoint-interval", "1000", processes=gpus)
+    steps = records(log_dir, "train")
+    first, last = steps[0]["loss"], sum(r["loss"] for r in steps[-5:]) / 5
+    if not last < first - 1.0:
+        raise CheckError(f"the loss went from {first:.3f} to {last:.3f} (mean of the last 5): expected a fall of > 1")
+    return f"loss {first:.2f} -> {last:.2f} on {gpus} GPU(s); {steps[-1]['tokens_per_second']:,.0f} tokens/s"
 
 
 def check_ddp(shards: Path, folder: Path, gpus: int) -> str:
@@ -197,6 +212,7 @@ def main() -> None:
         checks: list[tuple[str, Callable[[], str]]] = [
             ("train 124M, compiled, bf16, auto micro-batch", lambda: check_training(shards, folder)),
             ("DDP equals one GPU", lambda: check_ddp(shards, folder, gpus)),
+            ("Muon + WSD, compiled, bf16, every GPU", lambda: check_muon(shards, folder, gpus)),
             ("resume", lambda: check_resume(shards, folder)),
             ("sample.py --compile", lambda: check_sampling(folder)),
             ("hellaswag.py GPU vs CPU", lambda: check_hellaswag(folder)),

@@ -11,9 +11,9 @@ One module per concept.
   greedy guess of many candidate continuations, packed), `evaluation` (HellaSwag), `core_benchmark`
   (CORE: DCLM's tasks, nanochat's prompts), `matmul` (an opt-in CPU speed-up for inference).
 - Training: `training` (the run's set-up and the one optimizer step), `config` (settings from TOML and
-  flags), `optim` (AdamW groups, LR schedules), `resume` (training checkpoints, RNG states), `runlog`
-  (logs and metrics), `mfu`, `plotting`, `multiple_choice` (GPT-1's fine-tuning on Story Cloze and the
-  like).
+  flags), `optim` (AdamW groups, Muon with AdamW, LR schedules), `muon` (the Muon optimizer), `resume`
+  (training checkpoints, RNG states), `runlog` (logs and metrics), `mfu`, `plotting`, `multiple_choice`
+  (GPT-1's fine-tuning on Story Cloze and the like).
 - Running: `devices` (device and dtype), `distributed` (torchrun), `errors` (one-line user errors).
 The model itself lives in the top-level `model.py`.
 """
