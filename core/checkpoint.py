@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from core.atomic import fsync_folder
 from core.errors import UserError
 from core.tokenizer import Tokenizer, added_tokens, tokenizer_files, tokenizer_name
-from core.weights import our_layout, read_tensor_file
+from core.weights import our_layout, read_tensor_file, write_tensor_file
 from model import GPT, GPTConfig
 
 FORMAT = "gpt2-toolkit-checkpoint"
@@ -64,8 +63,8 @@ def save_checkpoint(folder: Path | str, model: GPT, tokenizer: str | Tokenizer,
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for file_name, tensors in {WEIGHTS_FILE: weights, **(extra_weights or {})}.items():
-        save_file({key: value.detach().contiguous().cpu() for key, value in tensors.items()}, staging / file_name,
-                  metadata={"format": "pt"})
+        write_tensor_file({key: value.detach().contiguous().cpu() for key, value in tensors.items()},
+                          staging / file_name, metadata={"format": "pt"})
     if not isinstance(tokenizer, str):
         for file_name, data in tokenizer_files(tokenizer).items():
             (staging / file_name).write_bytes(data)

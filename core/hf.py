@@ -15,13 +15,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from core import gpt1_tokenizer
 from core.errors import UserError, first_line
 from core.hub import require_hub_reachable
 from core.tokenizer import Tokenizer, added_tokens, get_tokenizer, tokenizer_files, tokenizer_name
-from core.weights import our_layout, read_tensor_file
+from core.weights import our_layout, read_tensor_file, write_tensor_file
 from model import GPT, GPTConfig
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -215,7 +214,7 @@ def export_hf(model: GPT, folder: Path | str, tokenizer: str | Tokenizer = DEFAU
     that `read_hf_folder` pairs them again, and GPT-1's tokenizer files are written beside."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict_to_hf(model), folder / "model.safetensors", metadata={"format": "pt"})
+    write_tensor_file(state_dict_to_hf(model), folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config_to_hf(model.config, tokenizer), indent=2) + "\n")
     if not isinstance(tokenizer, str):
         for name, data in tokenizer_files(tokenizer).items():

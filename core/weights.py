@@ -8,12 +8,13 @@ Conv1D weights), `our_layout` maps its keys, and `GPT.from_state_dict` builds th
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from core.errors import UserError, first_line
 
@@ -25,6 +26,15 @@ TOP_LEVEL_NAMES = ("wte.", "wpe.", "h.", "ln_f.")
 # Buffers that HF GPT-2 files carried (the causal mask), and GPT-1's arange of positions in files of
 # older transformers: we compute both instead.
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids")
+
+
+def write_tensor_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file, its mode what the user's umask gives every other output (0644 under umask
+    022): safetensors' save_file leaves 0600, which other users of a shared run folder cannot read."""
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def read_tensor_file(path: Path | str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ in, and a crash half-way through replacing one."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -150,3 +151,23 @@ def test_load_checkpoint_alone_recovers_from_the_crash(checkpoint: Path, monkeyp
     loaded, meta = load_checkpoint(checkpoint)
     assert meta["step"] == 1
     assert_same_weights(loaded, small_model(seed=0))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_weight_files_get_the_mode_of_every_other_output(umask: int, tmp_path: Path) -> None:
+    """safetensors writes 0600 whatever the umask; ours follow the umask, as the JSON and the .pt beside them."""
+    from core.hf import export_hf
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    previous = os.umask(umask)
+    try:
+        folder = save_checkpoint(tmp_path / "checkpoint", model, "gpt2", trainer_state={"step": 1},
+                                 extra_weights={"classifier.safetensors": {"w": torch.zeros(2)}})
+        exported = export_hf(model, tmp_path / "hf")
+    finally:
+        os.umask(previous)
+    files = [folder / "model.safetensors", folder / "classifier.safetensors", folder / "meta.json",
+             folder / "trainer_state.pt", exported / "model.safetensors", exported / "config.json"]
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in files} == {
+        path.name: oct(0o666 & ~umask) for path in files}
