@@ -145,7 +145,8 @@ class Trainer:
         if config.hellaswag_examples == 0:
             return []
         try:
-            path = hellaswag_file_on_every_rank(Path(config.hellaswag_data) if config.hellaswag_data else None)
+            path = hellaswag_file_on_every_rank(Path(config.hellaswag_data) if config.hellaswag_data else None,
+                                                flag="--hellaswag-data")
         except UserError as error:
             self.log.print(f"HellaSwag is off for this run: {error}")
             return []

@@ -60,8 +60,9 @@ class Result:
 
 # --- HellaSwag data -----------------------------------------------------------------------------
 
-def hellaswag_file(path: Path | None = None) -> Path:
-    """`path` when given, else the validation set in the cache, downloaded on first use."""
+def hellaswag_file(path: Path | None = None, flag: str = "--data") -> Path:
+    """`path` when given, else the validation set in the cache, downloaded on first use; `flag` is the
+    stage's setting for a local copy, which an offline failure names."""
     if path is not None:
         if not path.is_file():
             raise UserError(f"HellaSwag file {path} does not exist")
@@ -69,13 +70,13 @@ def hellaswag_file(path: Path | None = None) -> Path:
     cached = CACHE_DIR / "hellaswag" / "hellaswag_val.jsonl"
     if not cached.is_file():
         download(HELLASWAG_URL, cached, looks_right=_is_hellaswag, what="HellaSwag JSONL",
-                 advice=f"Offline, pass a local copy of hellaswag_val.jsonl with --data PATH, or put it at {cached}")
+                 advice=f"Offline, pass a local copy of hellaswag_val.jsonl with {flag} PATH, or put it at {cached}")
     return cached
 
 
-def hellaswag_file_on_every_rank(path: Path | None = None) -> Path:
+def hellaswag_file_on_every_rank(path: Path | None = None, flag: str = "--data") -> Path:
     """`hellaswag_file` under torch.distributed, downloaded once per node (see `fetch_once_per_node`)."""
-    return fetch_once_per_node(lambda: hellaswag_file(path))
+    return fetch_once_per_node(lambda: hellaswag_file(path, flag))
 
 
 def _is_hellaswag(path: Path) -> bool:

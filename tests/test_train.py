@@ -495,6 +495,7 @@ def test_missing_hellaswag_data_offline_is_one_line_and_the_run_goes_on(shakespe
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if "HellaSwag" in line]
     assert len(lines) == 1 and lines[0].startswith("HellaSwag is off for this run: cannot download"), result.stdout
+    assert "with --hellaswag-data PATH" in lines[0]  # train_gpt2.py's flag: --data would prefix-match --data-dir
     assert not records(tmp_path / "log", "hellaswag")
 
 
