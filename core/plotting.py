@@ -4,11 +4,11 @@ at every evaluation."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from core.errors import UserError
+from core.runlog import read_records
 
 GPT2_124M_HELLASWAG = 0.2955  # build-nanogpt's figure for OpenAI GPT-2 124M
 GPT3_SMALL_HELLASWAG = 0.337  # GPT-3 paper, table 3.6 (GPT-3 Small, zero-shot)
@@ -18,19 +18,13 @@ GPT2_XL_CORE = 0.2565
 
 
 def read_metrics(log_dir: Path) -> dict[str, list[dict]]:
-    """metrics.jsonl's records by kind; a malformed line fails naming its number."""
+    """metrics.jsonl's records by kind (a torn last line left out); another malformed line fails naming it."""
     path = log_dir / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path} does not exist: is {log_dir} the LOG_DIR of a training run?")
     by_kind: dict[str, list[dict]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            by_kind.setdefault(record["kind"], []).append(record)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path}:{number}: not a metrics record") from None
+    for record in read_records(path)[0]:
+        by_kind.setdefault(record["kind"], []).append(record)
     return by_kind
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from core.atomic import write_file_atomically
+from core.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "log.txt"
@@ -75,8 +76,11 @@ class RunLog:
             return
         metrics, log = self.log_dir / METRICS_FILE, self.log_dir / LOG_FILE
         if metrics.exists():
-            lines = [line for line in metrics.read_text().splitlines(keepends=True) if line.strip()]
-            kept = [line for line, record in zip(lines, map(json.loads, lines), strict=True)
+            records, torn = read_records(metrics)
+            if torn:
+                self.print(f"note: dropped the torn last line of {metrics} ({torn[:40]!r}...), what a hard kill "
+                           "mid-write leaves")
+            kept = [json.dumps(record, ensure_ascii=False) + "\n" for record in records
                     if _kept(record["kind"], record["step"], step)]
             write_file_atomically(metrics, "".join(kept).encode())
         if log.exists():
@@ -105,6 +109,27 @@ class RunLog:
             self.bar = None
         if self.writer is not None:
             self.writer.close()
+
+
+def read_records(path: Path) -> tuple[list[dict], str]:
+    """The records of a metrics.jsonl, and its last line when that one is torn (cut off mid-write by a
+    hard kill: not JSON, or not a record; "" when it is whole). A bad line elsewhere fails naming it."""
+    lines = [(number, line) for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+             if line.strip()]
+    records, torn = [], ""
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("kind"), str) or \
+                    not isinstance(record.get("step"), int):
+                raise ValueError("not a record")
+        except ValueError:  # json.JSONDecodeError is one
+            if number == lines[-1][0]:
+                torn = line
+                break
+            raise UserError(f"{path}:{number}: not a metrics record") from None
+        records.append(record)
+    return records, torn
 
 
 def _kept(kind: str, record_step: int, resume_step: int) -> bool:

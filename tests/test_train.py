@@ -27,6 +27,7 @@ from core.config import FinetuneConfig, TrainConfig
 from core.data import TokenLoader, ValSet
 from core.errors import UserError
 from core.optim import decay_groups, learning_rate
+from core.runlog import read_records
 from core.shards import list_shards, open_shard, write_shard
 from model import GPT, GPTConfig
 from tests.core_files import make_bundle
@@ -377,6 +378,23 @@ def test_killed_run_resumes_exactly(shakespeare_shards: Path, tmp_path: Path, la
     for kind, key in (("train", "loss"), ("val", "val_loss")):
         expected = [(r["step"], r[key]) for r in records(tmp_path / "straight", kind)]
         assert [(r["step"], r[key]) for r in records(killed_log, kind)] == expected
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_note_on_resume(shakespeare_shards: Path,
+                                                                   tmp_path: Path) -> None:
+    """A hard kill mid-write leaves half a line at the end of metrics.jsonl: resuming drops it, says so, and goes on."""
+    log_dir = tmp_path / "log"
+    first = train(shakespeare_shards, log_dir, "--total-batch-size", "128", "--max-steps", "2")
+    assert first.returncode == 0, first.stderr
+    with open(log_dir / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 2, "loss": 7.1')
+    resumed = train(shakespeare_shards, log_dir, "--total-batch-size", "128", "--max-steps", "4")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "note: dropped the torn last line" in resumed.stdout
+    assert [r["step"] for r in records(log_dir, "train")] == [0, 1, 2, 3]  # every line whole JSON again
+    (log_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 0}\n{"kind": "tr\n{"kind": "val", "step": 0}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl:2: not a metrics record"):
+        read_records(log_dir / "metrics.jsonl")
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(shakespeare_shards: Path, tmp_path: Path) -> None:
