@@ -200,6 +200,7 @@ class Finetuner:
                     self.save()
                 if stopping:
                     self.log.print(f"stopped at step {self.step} of epoch {epoch}; continue with --resume auto")
+                    self.run.end_if_interrupted()
                     return
         self.report()
 

@@ -8,7 +8,8 @@
 
 Every setting is a TOML key in --config and a flag (`max_lr` is --max-lr); see `--help` and configs/.
 Rank 0 reports to the terminal and to LOG_DIR (log.txt, metrics.jsonl, checkpoints/step_NNNNNN/).
-SIGTERM or Ctrl-C saves a checkpoint at the end of the current step and exits; a second one exits at once.
+SIGTERM or Ctrl-C saves a checkpoint at the end of the current step and exits (0 after SIGTERM, 130 after
+Ctrl-C, so that a script running the stages stops); a second one exits at once.
 """
 
 from __future__ import annotations
@@ -227,6 +228,7 @@ class Trainer:
                 if self.run.stop_requested():  # save at once: torchrun's SIGKILL follows its SIGTERM in 30 s
                     self.save()
                     self.log.print(f"stopped at step {self.step}; continue with --resume auto")
+                    self.run.end_if_interrupted()
                     return
                 if self.step % config.eval_interval == 0 or self.step == config.max_steps:
                     self.evaluate()

@@ -137,6 +137,13 @@ class TrainingRun:
         """Whether a signal asked to stop, agreed on by every rank: all stop at the same step, or the job hangs."""
         return self.agree(self.stop is not None and self.stop.requested)
 
+    def end_if_interrupted(self) -> None:
+        """After the checkpoint of a stop: a Ctrl-C (SIGINT) ends the process as an interrupted program
+        does, with status 130, so that a script running the stages (quickstart.sh) stops too; a SIGTERM,
+        a cluster's preemption, returns and exits 0 (the run is saved)."""
+        if self.stop is not None and self.stop.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
     def minutes_since_save(self) -> float:
         """Minutes since the last checkpoint of this process (or its start), as rank 0's clock says: the
         ranks must agree on whether it is time to save."""
@@ -294,6 +301,7 @@ class StopSignal:
 
     def __init__(self, log: RunLog) -> None:
         self.requested = False
+        self.signum: int | None = None
         self.log = log
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
@@ -301,6 +309,6 @@ class StopSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             os._exit(128 + signum)
-        self.requested = True
+        self.requested, self.signum = True, signum
         self.log.print(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then exiting "
                        "(send it again to exit at once)")

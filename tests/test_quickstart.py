@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib.image
@@ -44,6 +46,29 @@ def test_quickstart_runs_end_to_end_offline(tmp_path: Path) -> None:
     assert result.stdout.count("> ROMEO:") == 2  # sample.py read the checkpoint: both samples printed
     height, width, _ = decoded_png(log_dir / "plot.png")
     assert width > height > 100
+
+
+def test_ctrl_c_during_training_stops_the_quickstart(tmp_path: Path) -> None:
+    """Ctrl-C reaches every process of the terminal's group: training saves and exits 130, and the script
+    stops there instead of sampling from a half-trained model and saying "done"."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(".git", ".venv", "log", "shakespeare",
+                                                                  "__pycache__", ".*_cache"))
+    env = {**os.environ, "QUICKSTART_PYTHON": sys.executable, "QUICKSTART_STEPS": "100000",
+           "GPT2_TOOLKIT_CACHE": str(tmp_path / "cache"),
+           "GPT2_TOOLKIT_HELLASWAG_URL": "http://127.0.0.1:9/hellaswag_val.jsonl"}
+    process = subprocess.Popen(["bash", "quickstart.sh"], cwd=checkout, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = checkout / "log" / "quickstart" / "metrics.jsonl"
+    deadline = time.monotonic() + HANG_GUARD_SECONDS
+    while not (metrics.exists() and '"train"' in metrics.read_text()) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C at the terminal does
+    stdout, stderr = process.communicate(timeout=HANG_GUARD_SECONDS)
+    assert process.returncode != 0, stdout[-2000:] + stderr[-2000:]
+    assert "stopped at step" in stdout and "== sampling" not in stdout and "== done" not in stdout
+    assert list((checkout / "log" / "quickstart" / "checkpoints").iterdir())  # the run is saved
 
 
 def test_plot_of_a_run_with_train_records_only(tmp_path: Path) -> None:

@@ -397,7 +397,10 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_note_on_resume(shakespeare_s
         read_records(log_dir / "metrics.jsonl")
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes(shakespeare_shards: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_that_resumes(shakespeare_shards: Path, tmp_path: Path, signum: int,
+                                                  status: int) -> None:
+    """SIGTERM (preemption) saves and exits 0; Ctrl-C saves and exits 130, so that scripts stop."""
     log_dir = tmp_path / "log"
     command = [sys.executable, str(ROOT / "train_gpt2.py"), "--data-dir", str(shakespeare_shards), "--log-dir",
                str(log_dir), *SMALL, "--total-batch-size", "128", "--max-steps", "100000",
@@ -409,9 +412,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes(shakespeare_shards: Path, tmp_p
     while not (metrics.exists() and metrics.read_text().count('"train"') >= 2) and time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=HANG_GUARD_SECONDS)
-    assert process.returncode == 0, stderr
+    assert process.returncode == status, stderr
     done = len(records(log_dir, "train"))
     assert f"stopped at step {done}" in stdout
     assert [path.name for path in (log_dir / "checkpoints").iterdir()] == [f"step_{done:06d}"]
