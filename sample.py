@@ -70,9 +70,12 @@ def read_prompt(args: argparse.Namespace) -> str:
         return args.prompt
     if args.prompt_file is not None:
         try:
-            text = args.prompt_file.read_text()
+            text = args.prompt_file.read_text(encoding="utf-8")
         except OSError as error:
             raise UserError(f"cannot read --prompt-file: {error}") from None
+        except UnicodeDecodeError as error:
+            raise UserError(f"--prompt-file {args.prompt_file} is not UTF-8 text ({error.reason} at byte "
+                            f"{error.start})") from None
     else:
         text = "" if sys.stdin.isatty() else sys.stdin.read()
     # The line break that ends a file or `echo`'s output is not part of the prompt: left in, the
@@ -152,6 +155,8 @@ def interactive(model: GPT, tokenizer: Tokenizer, sampling: Sampling, args: argp
             run_prompt(text, model, tokenizer, sampling, args, generator)
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
             print("\n[interrupted]", file=sys.stderr)
+        except UserError as error:  # a prompt this model cannot take ends that prompt, not the session
+            print(f"error: {error}", file=sys.stderr)
 
 
 def main() -> None:

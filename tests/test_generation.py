@@ -317,6 +317,26 @@ def test_interactive_answers_two_prompts_and_exits_on_eof(checkpoint: Path) -> N
     assert get_tokenizer("gpt2").decode(expected) in result.stdout
 
 
+def test_a_prompt_the_model_cannot_take_ends_that_prompt_not_the_session(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    folder = tmp_path / "small_vocab"
+    save_checkpoint(folder, GPT(GPTConfig(block_size=64, vocab_size=1000, n_layer=1, n_head=2, n_embd=16)), "gpt2")
+    result = run_sample("-m", str(folder), "--interactive", "--max-new-tokens", "3", "--greedy",
+                        stdin="xylophone\nThe\n")  # gpt2 ids 87, 2645, 38656, then 464: only the second fits
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(">>> ") == 3 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: the prompt has token id 38656, beyond this model's vocabulary of 1000"]
+    assert "tokens/s" in result.stderr  # the second prompt was answered
+
+
+def test_a_prompt_file_that_is_not_utf8_is_one_line(checkpoint: Path, tmp_path: Path) -> None:
+    (tmp_path / "prompt.txt").write_bytes(b"caf\xe9 au lait")  # Latin-1
+    result = run_sample("-m", str(checkpoint), "--prompt-file", str(tmp_path / "prompt.txt"))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "is not UTF-8" in result.stderr and "prompt.txt" in result.stderr
+
+
 ONCE_UPON_A_TIME = [7454, 2402, 257, 640]  # tiktoken's gpt2 ids of "Once upon a time"
 
 
