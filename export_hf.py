@@ -14,6 +14,7 @@ from pathlib import Path
 from core.errors import UserError, exit_on_user_error
 from core.hf import export_hf
 from core.pretrained import load_model_and_tokenizer
+from core.tokenizer import tokenizer_files
 
 
 def main() -> None:
@@ -24,6 +25,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"{args.out} is a file, not a folder")
+    source = Path(args.model)
+    if source.exists() and args.out.exists() and source.resolve() in (args.out.resolve(), *args.out.resolve().parents):
+        raise UserError(f"{args.out} holds the model being exported ({args.model}): write it to another folder")
     if args.out.exists() and any(args.out.iterdir()) and not args.force:
         raise UserError(f"{args.out} is not empty; pass --force to overwrite")
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -31,7 +35,7 @@ def main() -> None:
         print(f"note: this model uses the {tokenizer.name} tokenizer, recorded in config.json; HF's GPT-2 "
               "tokenizer files do not fit it")
     export_hf(model, args.out, tokenizer)
-    written = ", ".join(sorted(path.name for path in args.out.iterdir()))
+    written = ", ".join(sorted(["config.json", "model.safetensors", *tokenizer_files(tokenizer)]))
     print(f"wrote {args.out}: {written} ({model.num_params():,} parameters)")
 
 

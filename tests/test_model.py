@@ -313,6 +313,24 @@ def test_export_cli_writes_a_folder_hf_loads(tmp_path: Path) -> None:
     assert GPT2LMHeadModel.from_pretrained(tmp_path / "out").config.n_positions == 16
     again = subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert again.returncode == 2 and "not empty; pass --force" in again.stderr
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    forced = subprocess.run([*command, "--force"], capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
+    assert forced.returncode == 0 and "wrote" in forced.stdout and "notes.txt" not in forced.stdout  # only its own
+
+
+@pytest.mark.parametrize("into", ["itself", "inside"])
+def test_export_never_writes_into_its_own_model(tmp_path: Path, into: str) -> None:
+    checkpoint = tmp_path / "ckpt"
+    save_checkpoint(checkpoint, GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)),
+                    tokenizer="gpt2")
+    before = {path.name: path.read_bytes() for path in checkpoint.iterdir()}
+    out = checkpoint if into == "itself" else checkpoint / "hf"
+    out.mkdir(exist_ok=True)
+    command = [sys.executable, str(ROOT / "export_hf.py"), str(checkpoint), str(out), "--force"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "holds the model being exported" in result.stderr
+    assert {path.name: path.read_bytes() for path in checkpoint.iterdir() if path.is_file()} == before
 
 
 def test_malformed_meta_json_is_a_clear_error(tmp_path: Path) -> None:
