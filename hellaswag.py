@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from core.devices import dtype_name
 from core.distributed import distributed_run
-from core.errors import exit_on_user_error
+from core.errors import UserError, exit_on_user_error
 from core.evaluation import (
+    examples_that_fit,
     gather_results,
     hellaswag_file_on_every_rank,
     read_hellaswag,
@@ -51,6 +53,14 @@ def main() -> None:
         model, tokenizer, dtype = load_model_to_score(args.model, device, args.dtype)
         path = hellaswag_file_on_every_rank(args.data)
         examples = read_hellaswag(path, tokenizer, limit=args.limit)
+        fitting = examples_that_fit(examples, model.config.block_size)
+        if not fitting:
+            raise UserError(f"none of the {len(examples)} examples fits in this model's block_size of "
+                            f"{model.config.block_size}")
+        if len(fitting) < len(examples) and distributed.is_main:
+            print(f"note: {len(examples) - len(fitting)} of {len(examples)} examples are longer than block_size "
+                  f"{model.config.block_size} and are left out (n counts the others)", file=sys.stderr)
+        examples = fitting
         start = time.perf_counter()
         with scoring_autocast(device, dtype):
             results = gather_results(score_examples(model, examples, args.batch_size, progress=not args.no_progress))

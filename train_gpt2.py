@@ -36,6 +36,7 @@ from core.distributed import Distributed, distributed_run
 from core.errors import UserError, exit_on_user_error
 from core.evaluation import (
     Example,
+    examples_that_fit,
     gather_results,
     hellaswag_file_on_every_rank,
     read_hellaswag,
@@ -153,7 +154,7 @@ class Trainer:
             return []
         examples = read_hellaswag(path, self.tokenizer, limit=config.hellaswag_examples)
         block = self.raw_model.config.block_size
-        fitting = [e for e in examples if len(e.context) + max(map(len, e.endings)) <= block]
+        fitting = examples_that_fit(examples, block)
         if len(fitting) < len(examples):
             self.log.print(f"HellaSwag: {len(examples) - len(fitting)} of {len(examples)} examples are longer than "
                            f"block_size {block} and are left out")

@@ -152,6 +152,12 @@ def score_batch(model: GPT, examples: list[Example]) -> list[Result]:
     return [result(example, example_scores) for example, example_scores in zip(examples, scores, strict=True)]
 
 
+def examples_that_fit(examples: list[Example], block_size: int) -> list[Example]:
+    """The examples whose context and longest ending fit in `block_size` positions: a longer one cannot
+    be scored whole, and cropping it would change what is measured."""
+    return [e for e in examples if len(e.context) + max(map(len, e.endings)) <= block_size]
+
+
 def check_fits(model: GPT, examples: list[Example]) -> None:
     """Fail clearly, before any compute, on an example the model cannot score."""
     for example in examples:

@@ -159,6 +159,20 @@ def test_two_ranks_give_the_same_totals_as_one(checkpoint: Path, hellaswag_path:
         (r["pred"], r["pred_norm"]) for r in per_example_two]
 
 
+def test_examples_longer_than_the_model_are_left_out_with_a_note(hellaswag_path: Path, tmp_path: Path) -> None:
+    """As the training loop does: a block-64 model scores the examples that fit, and says how many did not."""
+    folder = tmp_path / "short"
+    save_checkpoint(folder, random_model(50257, block_size=64), "gpt2")
+    result = run([sys.executable, "hellaswag.py", "-m", str(folder), "--data", str(hellaswag_path), "--limit", "100",
+                  "--no-progress"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    examples = read_hellaswag(hellaswag_path, get_tokenizer("gpt2"), limit=100)
+    fitting = sum(len(e.context) + max(map(len, e.endings)) <= 64 for e in examples)
+    assert 0 < fitting < 100  # the shared file has both kinds
+    assert json.loads(result.stdout)["n"] == fitting
+    assert f"note: {100 - fitting} of 100 examples are longer than block_size 64" in result.stderr
+
+
 def test_offline_without_data_is_a_clear_error(checkpoint: Path, tmp_path: Path) -> None:
     result = run([sys.executable, "hellaswag.py", "-m", str(checkpoint), "--limit", "5"], tmp_path,
                  GPT2_TOOLKIT_HELLASWAG_URL=REFUSING_URL)
