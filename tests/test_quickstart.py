@@ -26,13 +26,19 @@ def decoded_png(path: Path) -> tuple[int, ...]:
     return matplotlib.image.imread(path).shape  # decodes every pixel: a truncated file fails here
 
 
-def test_quickstart_runs_end_to_end_offline(tmp_path: Path) -> None:
+def quickstart_checkout(tmp_path: Path, steps: int) -> tuple[Path, dict[str, str]]:
+    """A copy of the checkout without runs or environments, and the environment that runs quickstart.sh
+    there offline, with the interpreter running the tests, for `steps` steps."""
     checkout = tmp_path / "checkout"
     shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(".git", ".venv", "log", "shakespeare",
                                                                   "__pycache__", ".*_cache"))
-    env = {**os.environ, "QUICKSTART_PYTHON": sys.executable, "QUICKSTART_STEPS": "20",
-           "GPT2_TOOLKIT_CACHE": str(tmp_path / "cache"),
-           "GPT2_TOOLKIT_HELLASWAG_URL": "http://127.0.0.1:9/hellaswag_val.jsonl"}
+    return checkout, {**os.environ, "QUICKSTART_PYTHON": sys.executable, "QUICKSTART_STEPS": str(steps),
+                      "GPT2_TOOLKIT_CACHE": str(tmp_path / "cache"),
+                      "GPT2_TOOLKIT_HELLASWAG_URL": "http://127.0.0.1:9/hellaswag_val.jsonl"}
+
+
+def test_quickstart_runs_end_to_end_offline(tmp_path: Path) -> None:
+    checkout, env = quickstart_checkout(tmp_path, steps=20)
     result = subprocess.run(["bash", "quickstart.sh"], cwd=checkout, env=env, capture_output=True, text=True,
                             timeout=HANG_GUARD_SECONDS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -51,12 +57,7 @@ def test_quickstart_runs_end_to_end_offline(tmp_path: Path) -> None:
 def test_ctrl_c_during_training_stops_the_quickstart(tmp_path: Path) -> None:
     """Ctrl-C reaches every process of the terminal's group: training saves and exits 130, and the script
     stops there instead of sampling from a half-trained model and saying "done"."""
-    checkout = tmp_path / "checkout"
-    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(".git", ".venv", "log", "shakespeare",
-                                                                  "__pycache__", ".*_cache"))
-    env = {**os.environ, "QUICKSTART_PYTHON": sys.executable, "QUICKSTART_STEPS": "100000",
-           "GPT2_TOOLKIT_CACHE": str(tmp_path / "cache"),
-           "GPT2_TOOLKIT_HELLASWAG_URL": "http://127.0.0.1:9/hellaswag_val.jsonl"}
+    checkout, env = quickstart_checkout(tmp_path, steps=100000)
     process = subprocess.Popen(["bash", "quickstart.sh"], cwd=checkout, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = checkout / "log" / "quickstart" / "metrics.jsonl"
