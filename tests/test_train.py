@@ -352,8 +352,10 @@ def test_ddp_with_accumulation_equals_one_process(shakespeare_shards: Path, tmp_
     assert [r["loss"] for r in records(tmp_path / "ddp", "train")] == pytest.approx(single_losses, abs=1e-5)
 
 
-@pytest.mark.parametrize(("dtype", "optimizer"), [("float32", "adamw"), ("bfloat16", "adamw"), ("float32", "muon")])
-@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "torchrun-2"])
+@pytest.mark.parametrize(("processes", "dtype", "optimizer"), [
+    (1, "float32", "adamw"), (1, "bfloat16", "adamw"), (2, "float32", "adamw"), (2, "bfloat16", "adamw"),
+    (1, "float32", "muon"),  # Muon over 2 ranks: test_ddp_with_accumulation_equals_one_process
+], ids=lambda value: {1: "one-process", 2: "torchrun-2"}.get(value, value))
 def test_killed_run_resumes_exactly(shakespeare_shards: Path, tmp_path: Path, launcher: Path, processes: int,
                                     dtype: str, optimizer: str) -> None:
     """12 steps straight equal 6 steps, SIGKILL right after the step-6 checkpoint, then --resume auto: bitwise,
@@ -397,10 +399,8 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_note_on_resume(shakespeare_s
         read_records(log_dir / "metrics.jsonl")
 
 
-@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_saves_a_checkpoint_that_resumes(shakespeare_shards: Path, tmp_path: Path, signum: int,
-                                                  status: int) -> None:
-    """SIGTERM (preemption) saves and exits 0; Ctrl-C saves and exits 130, so that scripts stop."""
+def test_sigterm_saves_a_checkpoint_that_resumes(shakespeare_shards: Path, tmp_path: Path) -> None:
+    """SIGTERM (preemption) saves and exits 0; Ctrl-C's 130 is tested with quickstart.sh."""
     log_dir = tmp_path / "log"
     command = [sys.executable, str(ROOT / "train_gpt2.py"), "--data-dir", str(shakespeare_shards), "--log-dir",
                str(log_dir), *SMALL, "--total-batch-size", "128", "--max-steps", "100000",
@@ -412,9 +412,9 @@ def test_a_signal_saves_a_checkpoint_that_resumes(shakespeare_shards: Path, tmp_
     while not (metrics.exists() and metrics.read_text().count('"train"') >= 2) and time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
         time.sleep(0.2)
-    process.send_signal(signum)
+    process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=HANG_GUARD_SECONDS)
-    assert process.returncode == status, stderr
+    assert process.returncode == 0, stderr
     done = len(records(log_dir, "train"))
     assert f"stopped at step {done}" in stdout
     assert [path.name for path in (log_dir / "checkpoints").iterdir()] == [f"step_{done:06d}"]
