@@ -38,7 +38,14 @@ from tqdm import tqdm
 from core.cache import cache_dir, download
 from core.distributed import fetch_once_per_node
 from core.errors import UserError, json_object
-from core.scoring import Candidate, common_prefix_length, common_suffix_length, gather_from_ranks, scored_batches
+from core.scoring import (
+    Candidate,
+    common_prefix_length,
+    common_suffix_length,
+    gather_from_ranks,
+    scored_batches,
+    share_of_this_rank,
+)
 from core.tokenizer import Tokenizer
 from model import GPT
 
@@ -324,11 +331,10 @@ def prepare(task: Task, items: list[dict], tokenizer: Tokenizer, context_length:
 def prepare_this_ranks_share(tasks: list[Task], tokenizer: Tokenizer, context_length: int,
                              max_per_task: int | None = None) -> list[PreparedTask]:
     """Every task's first `max_per_task` items, every world_size-th of them from this rank's place."""
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     prepared = []
     for task in tasks:
         items = read_items(task, max_per_task)
-        prepared.append(prepare(task, items, tokenizer, context_length, list(range(rank, len(items), world_size))))
+        prepared.append(prepare(task, items, tokenizer, context_length, share_of_this_rank(list(range(len(items))))))
     return prepared
 
 
@@ -368,7 +374,7 @@ def evaluate_core(model: GPT, prepared: list[PreparedTask], batch_size: int = 16
             for results in score_task(model, task, batch_size):
                 mine += results
                 bar.update(len(results))
-            results = sorted(gather_from_ranks(mine, key=lambda r: r.index), key=lambda r: r.index)
+            results = gather_from_ranks(mine, key=lambda r: r.index)
             seconds = time.perf_counter() - started
             accuracy = sum(r.correct for r in results) / len(results)
             scores.append(TaskScore(task.task.label, task.task.task_type, task.task.num_fewshot, len(results),

@@ -21,11 +21,19 @@ from core.muon import Muon
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Parameter groups: matmul weights and embeddings (dim >= 2) decay, biases and LayerNorm gains
     (dim < 2) do not. Tied weights appear once (named_parameters drops duplicates)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    return _split_by_decay([p for p in model.parameters() if p.requires_grad], weight_decay)
+
+
+def _split_by_decay(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+
+
+def _adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+           device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused_adamw_available(device) or None)
 
 
 def fused_adamw_available(device: torch.device) -> bool:
@@ -35,8 +43,7 @@ def fused_adamw_available(device: torch.device) -> bool:
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
                    device: torch.device) -> torch.optim.AdamW:
-    groups = decay_groups(model, weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused_adamw_available(device) or None)
+    return _adamw(decay_groups(model, weight_decay), lr, betas, eps, device)
 
 
 def muon_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -63,10 +70,7 @@ class MuonWithAdamW:
         self.muon = Muon([g for g in groups if g["params"]], lr=muon_lr, momentum=muon_momentum,
                          weight_decay=muon_weight_decay,
                          newton_schulz_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        adamw_groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-        self.adamw = torch.optim.AdamW(adamw_groups, lr=adamw_lr, betas=betas, eps=eps,
-                                       fused=fused_adamw_available(device) or None)
+        self.adamw = _adamw(_split_by_decay(rest, weight_decay), adamw_lr, betas, eps, device)
         self.muon_lr_scale = muon_lr / adamw_lr
 
     @property

@@ -14,6 +14,7 @@ matmul of a small GPT; rows of similar length go in one batch.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -121,7 +122,7 @@ def score_packed(model: GPT, questions: list[list[PackedRow]], sizes: list[int])
     idx = torch.zeros(B, T, dtype=torch.long)
     positions = torch.zeros(B, T, dtype=torch.long)
     segment = torch.full((B, T), -2, dtype=torch.long)  # -2 padding
-    first_owner = [sum(sizes[:q]) for q in range(len(sizes))]
+    first_owner = [0, *itertools.accumulate(sizes)][:-1]  # the flat number of each question's first candidate
     row_of, columns, targets, owners = [], [], [], []
     for b, (q, row) in enumerate(rows):
         n = len(row.tokens)
@@ -196,9 +197,9 @@ def share_of_this_rank(items: list[Item]) -> list[Item]:
 
 
 def gather_from_ranks(results: list[Item], key: Callable[[Item], object]) -> list[Item]:
-    """Every rank's results, sorted by `key`, on every rank (a no-op without torch.distributed)."""
+    """Every rank's results, sorted by `key`, on every rank (this rank's alone without torch.distributed)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return results
+        return sorted(results, key=key)
     everyone: list[list[Item] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, results)
     return sorted((result for rank_results in everyone for result in rank_results), key=key)
