@@ -66,8 +66,13 @@ class Finetuner:
         self.log = RunLog(self.log_dir, enabled=self.is_main)
         self.run = TrainingRun(config, distributed, self.log)
         resume = self.run.find_resume_point(self.log_dir, config.resume)
-        if resume is None:
-            self.log.truncate_after(-1)  # a run that never reached a checkpoint starts over
+        if resume is not None:
+            self.run.check_resume(resume[0], resume[1][1].get("config", {}), config)
+        elif (self.log_dir / BEST_FOLDER).exists():
+            raise UserError(f"{self.log_dir} holds the result of an earlier run ({BEST_FOLDER}/) and no checkpoint to "
+                            "resume: choose another --log-dir, or move it away")
+        else:
+            self.run.start_over()
         self.show_progress = self.is_main and (sys.stderr.isatty() if config.progress is None else config.progress)
         per_step = config.micro_batch_size * distributed.world_size
         if config.batch_size % per_step:
@@ -123,7 +128,10 @@ class Finetuner:
         self.step, self.rows, self.best = trainer_state["step"], trainer_state["rows"], trainer_state["best"]
         self.epoch_losses = trainer_state["epoch_losses"]
         self.run.restore_rng(trainer_state["rng"])
-        self.log.truncate_after(self.step)
+        if self.step > self.max_steps:
+            raise UserError(f"{folder} is at step {self.step}, past the {self.max_steps} steps of --epochs "
+                            f"{self.config.epochs}: raise --epochs to continue the run")
+        self.run.continue_logs(self.step)
         self.log.print(f"resuming from {folder} at step {self.step}")
 
     def _questions(self) -> tuple[list[Question], list[Question], list[Question]]:

@@ -30,7 +30,7 @@ from core.core_benchmark import (
     prepare_this_ranks_share,
     read_tasks,
 )
-from core.data import TokenLoader, ValSet, shard_tokenizer
+from core.data import TokenLoader, ValSet, corpus_identity, shard_tokenizer
 from core.devices import accumulation_dtype, to_device
 from core.distributed import Distributed, distributed_run
 from core.errors import UserError, exit_on_user_error
@@ -73,7 +73,10 @@ class Trainer:
         self.peak = peak_flops(self.device, self.dtype, config.peak_flops) if self.is_main else None
 
         torch.manual_seed(config.seed)
+        self.corpus = corpus_identity(config.data_dir)
         resume = self.run.find_resume_point(self.log_dir, config.resume)
+        if resume is not None:
+            self._check_resume(*resume)
         self.raw_model = self._build_model(resume)
         if config.micro_batch_size is None:
             chosen = self.run.choose_micro_batch(self.raw_model, config.seq_len, config.total_batch_size)
@@ -96,7 +99,7 @@ class Trainer:
         if resume is not None:
             self._restore(*resume)
         else:
-            self.log.truncate_after(-1)  # a run that never reached a checkpoint starts over
+            self.run.start_over()
         self._report_setup()
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -106,7 +109,13 @@ class Trainer:
         if not data_dir.is_dir():
             raise UserError(f"data_dir {data_dir} does not exist: make it with `python fineweb.py` (FineWeb-Edu), "
                             "or point --data-dir at a folder of token shards")
-        return shard_tokenizer(data_dir, "train")
+        try:
+            return shard_tokenizer(data_dir, "train")
+        except UserError as error:
+            if not list(data_dir.glob("*_val_[0-9][0-9][0-9][0-9][0-9][0-9].*")):
+                raise
+            raise UserError(f"{error}, only val shards: the whole corpus went to val; make it again with "
+                            "`python fineweb.py` and a smaller --val-tokens") from None
 
     def _build_model(self, resume: tuple[Path, tuple] | None) -> GPT:
         config = self.config
@@ -175,6 +184,25 @@ class Trainer:
             self.log.print(f"CORE is off for this run: {error}")
             return []
 
+    def _check_resume(self, folder: Path, checkpoint: tuple) -> None:
+        """Refuse to resume a checkpoint of another run (another model, tokenizer or corpus) or one past
+        max_steps, before anything is written; say which settings this segment changes."""
+        meta, trainer_state, _ = checkpoint
+        if meta["tokenizer"] != self.tokenizer_name:
+            raise UserError(f"{folder} was trained on {meta['tokenizer']} tokens but the shards in "
+                            f"{self.config.data_dir} are {self.tokenizer_name}: resume on the run's own shards, or "
+                            "choose another --log-dir")
+        then = meta.get("corpus")
+        if then is not None and then["fingerprint"] != self.corpus["fingerprint"]:
+            raise UserError(f"--data-dir {self.config.data_dir} holds another corpus ({self.corpus['shards']} train "
+                            f"shard(s), {self.corpus['tokens']:,} tokens) than the {then['shards']} shard(s), "
+                            f"{then['tokens']:,} tokens that {folder} was trained on: resume on the run's own shards, "
+                            "or choose another --log-dir")
+        if trainer_state["step"] > self.config.max_steps:
+            raise UserError(f"{folder} is at step {trainer_state['step']}, past --max-steps {self.config.max_steps}: "
+                            "raise --max-steps to continue the run")
+        self.run.check_resume(folder, trainer_state.get("config", {}), self.config)
+
     def _restore(self, folder: Path, checkpoint: tuple) -> None:
         meta, trainer_state, _ = checkpoint
         load_optimizer_state(self.optimizer, trainer_state["optimizer"], self.config.optimizer, str(folder))
@@ -182,7 +210,7 @@ class Trainer:
         self.step = trainer_state["step"]
         self.val_loss = meta.get("val_loss")
         self.run.restore_rng(trainer_state["rng"])
-        self.log.truncate_after(self.step)
+        self.run.continue_logs(self.step)
         self.log.print(f"resuming from {folder} at step {self.step}")
 
     def _report_setup(self) -> None:
@@ -312,7 +340,7 @@ class Trainer:
         trainer_state = {"optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
                          "config": self.config.to_dict()}
         self.run.save(self.log_dir, self.step, self.raw_model, self.tokenizer_name, trainer_state,
-                      self.config.keep_checkpoints, val_loss=self.val_loss)
+                      self.config.keep_checkpoints, val_loss=self.val_loss, corpus=self.corpus)
 
 
 def main(argv: list[str] | None = None) -> None:

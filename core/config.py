@@ -18,10 +18,11 @@ import math
 import sys
 import types
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from core.cli import StageParser
 from core.errors import UserError
 from model import GPTConfig
 
@@ -35,12 +36,15 @@ if typing.TYPE_CHECKING:  # annotations only (they are never evaluated here): Py
 
 class Settings:
     """A stage's settings: a dataclass whose every field is a TOML key and a flag. Subclasses add
-    `check()`, refusing what can never work."""
+    `check()`, refusing what can never work, and RESUME_FIXED, the settings that a resumed run must
+    keep (the model's shape, the data): another value makes another run."""
+
+    RESUME_FIXED: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_argv(cls, argv: list[str] | None, description: str = "") -> Self:
         """The settings of a command line: defaults, then --config FILE, then the flags given, then `check()`."""
-        parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser = StageParser(description)
         cls.add_arguments(parser)
         args, unknown = parser.parse_known_args(argv)
         if unknown:
@@ -94,14 +98,16 @@ class Settings:
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """--config FILE, then one --some-key VALUE flag per field (a bool flag alone means true)."""
         parser.add_argument("--config", type=Path, help="a TOML file of settings (see configs/); flags override it")
-        for field in fields(cls):
-            base, _ = cls.field_type(field.name)
-            default = "auto" if field.default is None else field.default
-            kind = {bool: "true/false", int: "int", float: "float", str: "text"}[base]
-            parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name,
-                                metavar=kind.upper() if base is not str else "TEXT",
-                                nargs="?" if base is bool else None, const="true" if base is bool else None,
-                                default=argparse.SUPPRESS, help=f"(default: {default})")
+        group: argparse._ArgumentGroup | argparse.ArgumentParser = parser
+        for item in fields(cls):
+            if item.metadata.get("group"):
+                group = parser.add_argument_group(item.metadata["group"])
+            base, _ = cls.field_type(item.name)
+            metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}[base]
+            group.add_argument("--" + item.name.replace("_", "-"), dest=item.name, metavar=metavar,
+                               nargs="?" if base is bool else None, const="true" if base is bool else None,
+                               default=argparse.SUPPRESS,
+                               help=f"{item.metadata.get('help', '')} (default: {_shown(item.default)})")
 
     @classmethod
     def field_type(cls, name: str) -> tuple[type, bool]:
@@ -134,6 +140,14 @@ class Settings:
             raise UserError(f"{where}: {name} must be {'a ' + base.__name__ if base is not int else 'an int'}, "
                             f"got {value!r}")
         return value
+
+
+def _shown(default: Any) -> str:
+    """A default as a user would type it: auto for None, true/false, text quoted."""
+    if default is None:
+        return "auto"
+    return str(default).lower() if isinstance(default, bool) else json.dumps(default) if isinstance(default, str) \
+        else str(default)
 
 
 def _parse_text(text: str, base: type, optional: bool) -> Any:
@@ -169,65 +183,92 @@ def _check_dtype(dtype: str) -> None:
                         "(float16 would need loss scaling)")
 
 
+def setting(default: Any, help: str, group: str = "") -> Any:
+    """A settings field: its default, the one line that documents it (in --help), and, on the first
+    field of a group, the group's title; the fields that follow belong to it until the next title."""
+    return field(default=default, metadata={"help": help, "group": group})
+
+
 @dataclass
 class TrainConfig(Settings):
-    # data and logs
-    data_dir: str = "edu_fineweb10B"  # the folder `python fineweb.py` writes
-    log_dir: str = "log"
-    shuffle: bool = False  # shuffle shards and sequences each epoch, from `seed` (build-nanogpt reads in order)
-    # model: from scratch with this shape, or `init_from` a model spec (gpt2, an HF folder, a checkpoint)
-    init_from: str = ""
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    dropout: float = 0.0
-    vocab_multiple: int = 64  # 50257 -> 50304 embedding rows: faster head matmuls on GPUs
-    # batch: total_batch_size tokens per optimizer step, reached by gradient accumulation
-    total_batch_size: int = 524288  # 2**19, ~0.5M tokens as in GPT-3 Small
-    micro_batch_size: int | None = 64  # auto (None): the largest power of two that fits, tried at start-up
-    seq_len: int = 1024
-    # optimizer and schedule (GPT-3 paper, table 2.1, as build-nanogpt)
-    max_steps: int = 19073  # 10B tokens / 2**19 tokens per step
-    warmup_steps: int = 715
-    max_lr: float = 6e-4
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 turns clipping off
-    optimizer: str = "adamw"  # adamw; or muon: Muon for the blocks' matrices, AdamW at max_lr for the rest
-    muon_lr: float = 0.02  # Muon's peak lr, scheduled as max_lr is
-    muon_momentum: float = 0.95  # Muon's Nesterov momentum
-    muon_weight_decay: float = 0.0  # Muon's decoupled weight decay (weight_decay is AdamW's)
-    schedule: str = "auto"  # cosine, wsd (warmup-stable-decay), or auto: cosine for adamw, wsd for muon
-    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays linearly to min_lr
-    # evaluation, samples, checkpoints
-    eval_interval: int = 250
-    val_tokens: int = 10_485_760  # the first tokens of the val split (build-nanogpt: 20 x 64 x 1024 x 8)
-    hellaswag_examples: int = 10042  # 0 turns HellaSwag off; 10042 is the whole validation set
-    hellaswag_data: str = ""  # a local hellaswag_val.jsonl; empty: the cache, downloaded on first use
-    core_interval: int = 0  # also score CORE (evaluate.py's) at evaluations whose step is a multiple of this; 0: off
-    core_max_per_task: int = 500  # the first examples of each CORE task (nanochat's choice in training); 0: all
-    core_bundle: str = ""  # an unpacked eval_bundle folder; empty: nanochat's, in the cache, downloaded on first use
-    sample_prompt: str = "Hello, I'm a language model,"
-    num_samples: int = 4
-    sample_tokens: int = 32
-    checkpoint_interval: int = 5000
-    checkpoint_minutes: float = 30.0  # also save when this long has passed since the last save; 0: off
-    keep_checkpoints: int = 3  # the newest K checkpoints stay; 0 keeps all
-    resume: str = "auto"  # auto: the newest valid checkpoint in log_dir, else a fresh start; never; or a path
-    # machine
-    seed: int = 1337
-    device: str = "auto"  # auto, cpu, cuda, mps
-    dtype: str = "auto"  # auto (bfloat16 where native, else float32), bfloat16, float32
-    compile: bool | None = None  # None: on for CUDA, off elsewhere
-    compile_mode: str = "default"  # torch.compile mode; reduce-overhead was slower on a 4090 (build-nanogpt #6)
-    peak_flops: float = 0.0  # the device's peak FLOP/s for MFU; 0: from the table, or measured on a CPU
-    tensorboard: bool = False  # also write TensorBoard event files to log_dir (needs `pip install tensorboard`)
-    plot: bool = True  # write log_dir/plot.png (losses, HellaSwag) at every evaluation
-    progress: bool | None = None  # a progress bar; None: when stderr is a terminal
+    """train_gpt2.py: build-nanogpt's GPT-2 124M recipe on FineWeb-Edu 10B by default."""
+
+    data_dir: str = setting("edu_fineweb10B", "the folder of token shards (what `python fineweb.py` writes)",
+                            group="data and logs")
+    log_dir: str = setting("log", "where log.txt, metrics.jsonl, config.toml, plot.png and checkpoints/ go")
+    shuffle: bool = setting(False, "shuffle shards and sequences each epoch, from --seed (build-nanogpt reads in "
+                                   "order)")
+    init_from: str = setting("", "start from this model spec (gpt2, an HF folder, a checkpoint) instead of "
+                                 "random weights; the shape flags are then its own", group="model")
+    n_layer: int = setting(12, "transformer blocks")
+    n_head: int = setting(12, "attention heads per block")
+    n_embd: int = setting(768, "width of the residual stream")
+    block_size: int = setting(1024, "the longest context, in tokens (the position table's rows)")
+    dropout: float = setting(0.0, "dropout probability in training (0: none, as GPT-2's pre-training)")
+    vocab_multiple: int = setting(64, "pad the embedding rows to a multiple of this (50257 -> 50304): faster "
+                                      "head matmuls on GPUs")
+    total_batch_size: int = setting(524288, "tokens per optimizer step, over all processes and accumulation "
+                                            "steps (2**19, ~0.5M, as GPT-3 Small)", group="batch")
+    micro_batch_size: int | None = setting(64, "sequences per forward pass per process; auto: the largest power "
+                                               "of two that fits, tried at start-up")
+    seq_len: int = setting(1024, "tokens per training sequence (at most block_size)")
+    max_steps: int = setting(19073, "optimizer steps in all (10B tokens / 2**19 tokens a step)",
+                             group="optimizer and schedule (GPT-3 paper, table 2.1, as build-nanogpt)")
+    warmup_steps: int = setting(715, "steps of linear warmup to max_lr")
+    max_lr: float = setting(6e-4, "AdamW's peak learning rate")
+    min_lr_ratio: float = setting(0.1, "the final learning rate as a fraction of max_lr")
+    weight_decay: float = setting(0.1, "AdamW's decoupled weight decay, on 2-D weights only")
+    beta1: float = setting(0.9, "AdamW's first-moment decay")
+    beta2: float = setting(0.95, "AdamW's second-moment decay")
+    eps: float = setting(1e-8, "AdamW's epsilon")
+    grad_clip: float = setting(1.0, "clip the gradient's global norm to this; 0 turns clipping off")
+    optimizer: str = setting("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW at max_lr for the "
+                                      "rest")
+    muon_lr: float = setting(0.02, "Muon's peak learning rate, scheduled as max_lr is")
+    muon_momentum: float = setting(0.95, "Muon's Nesterov momentum")
+    muon_weight_decay: float = setting(0.0, "Muon's decoupled weight decay (weight_decay is AdamW's)")
+    schedule: str = setting("auto", "cosine, wsd (warmup-stable-decay), or auto: cosine for adamw, wsd for muon")
+    decay_fraction: float = setting(0.2, "wsd: the last fraction of max_steps decays linearly to the final lr")
+    eval_interval: int = setting(250, "evaluate (val loss, HellaSwag, samples) every this many steps",
+                                 group="evaluation and samples")
+    val_tokens: int = setting(10_485_760, "tokens of the val split in each val loss (build-nanogpt: 20 x 64 x "
+                                          "1024 x 8); 0 turns val loss off")
+    hellaswag_examples: int = setting(10042, "HellaSwag examples per evaluation; 0 turns it off; 10042 is the "
+                                             "whole validation set")
+    hellaswag_data: str = setting("", "a local hellaswag_val.jsonl; empty: the cache, downloaded on first use")
+    core_interval: int = setting(0, "also score CORE (evaluate.py's) at evaluations whose step is a multiple "
+                                    "of this; 0: off")
+    core_max_per_task: int = setting(500, "the first examples of each CORE task (nanochat's choice in "
+                                          "training); 0: all")
+    core_bundle: str = setting("", "an unpacked CORE eval_bundle folder; empty: nanochat's, in the cache, "
+                                   "downloaded on first use")
+    sample_prompt: str = setting("Hello, I'm a language model,", "the prompt of the samples at evaluations")
+    num_samples: int = setting(4, "samples per evaluation; 0: none")
+    sample_tokens: int = setting(32, "new tokens per sample")
+    checkpoint_interval: int = setting(5000, "save a checkpoint every this many steps (and at the end)",
+                                       group="checkpoints and resuming")
+    checkpoint_minutes: float = setting(30.0, "also save when this many minutes have passed since the last "
+                                              "save; 0: off")
+    keep_checkpoints: int = setting(3, "keep the newest K checkpoints; 0 keeps all")
+    resume: str = setting("auto", "auto: continue the newest readable checkpoint in log_dir, else start; never: "
+                                  "start, refusing a used log_dir; or PATH, a checkpoint folder")
+    seed: int = setting(1337, "seeds the weights, the data order (with --shuffle), dropout and the samples",
+                        group="machine")
+    device: str = setting("auto", "auto, cpu, cuda or mps")
+    dtype: str = setting("auto", "auto (bfloat16 where the device has it natively, else float32), bfloat16, "
+                                 "float32")
+    compile: bool | None = setting(None, "torch.compile the training step; auto: on for CUDA, off elsewhere")
+    compile_mode: str = setting("default", "torch.compile's mode (reduce-overhead was slower on a 4090, "
+                                           "build-nanogpt #6)")
+    peak_flops: float = setting(0.0, "the device's peak FLOP/s, for MFU; 0: from the table, or measured on a "
+                                     "CPU")
+    tensorboard: bool = setting(False, "also write TensorBoard event files to log_dir (needs `pip install "
+                                       "tensorboard`)")
+    plot: bool = setting(True, "write log_dir/plot.png (losses, HellaSwag, CORE) at every evaluation")
+    progress: bool | None = setting(None, "a progress bar; auto: when stderr is a terminal")
+
+    RESUME_FIXED: ClassVar[tuple[str, ...]] = ("init_from", "n_layer", "n_head", "n_embd", "block_size",
+                                               "vocab_multiple", "seq_len", "shuffle", "optimizer")
 
     def check(self) -> None:
         _require(self, at_least_one=("total_batch_size", "micro_batch_size", "seq_len", "max_steps", "eval_interval",
@@ -268,41 +309,51 @@ class FinetuneConfig(Settings):
     """finetune_mc.py: GPT-1's multiple-choice fine-tuning (Radford et al. 2018, section 4.1 and OpenAI's
     finetune-transformer-lm code), for Story Cloze CSVs and HellaSwag-format JSONL."""
 
-    # data: a .csv is read as Story Cloze, a .jsonl as HellaSwag (4 endings)
-    train_data: str = ""  # labelled examples, split into train and val (the paper: Story Cloze's val CSV)
-    test_data: str = ""  # scored every epoch, never trained on or selected by; empty: no test set
-    val_examples: int = 374  # held out of train_data for model selection (the paper: 374 of 1871)
-    split_seed: int = 42  # draws the val examples; the same seed gives the same split whatever `seed`
-    max_train_examples: int = 0  # read only the first N labelled examples (0: all), for quick runs
-    max_test_examples: int = 0
-    log_dir: str = "log/finetune"
-    resume: str = "auto"  # auto: the newest valid checkpoint in log_dir, else a fresh start; never; or a path
-    # model: any model spec (openai-gpt, gpt2, an HF folder, one of our checkpoints)
-    init_from: str = "openai-gpt"
-    markers: str = "new"  # new: start, delimiter and extract are new embedding rows; eot: <|endoftext|> (GPT-2)
-    dropout: float = 0.1  # the transformer's, as in pre-training
-    clf_dropout: float = 0.1  # before the classifier
-    lm_coef: float = 0.5  # loss = classifier loss + lm_coef x language-modelling loss
-    # optimizer and schedule
-    epochs: int = 3
-    batch_size: int = 32  # examples per optimizer step, over all processes
-    micro_batch_size: int = 8  # examples per forward pass; gradients accumulate up to batch_size
-    max_lr: float = 6.25e-5
-    warmup_fraction: float = 0.002  # linear warmup over this fraction of the steps, then linear decay to 0
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 turns clipping off
-    # evaluation and machine
-    eval_batch_size: int = 32
-    zero_shot: bool = True  # score the model before fine-tuning by the likelihood of each ending, as hellaswag.py
-    seed: int = 42
-    device: str = "auto"
-    dtype: str = "auto"  # auto (bfloat16 where native, else float32), bfloat16, float32
-    compile: bool | None = None  # None: on for CUDA, off elsewhere
-    compile_mode: str = "default"  # torch.compile mode
-    progress: bool | None = None  # a progress bar; None: when stderr is a terminal
+    train_data: str = setting("", "labelled questions, split into train and val: a Story Cloze .csv or "
+                                  "HellaSwag-format .jsonl (the paper: Story Cloze's val CSV)", group="data")
+    test_data: str = setting("", "questions scored every epoch, never trained on or selected by; empty: none")
+    val_examples: int = setting(374, "questions of train_data held out to pick the best epoch (the paper: 374 "
+                                     "of 1871)")
+    split_seed: int = setting(42, "draws the val questions; the same seed gives the same split whatever --seed")
+    max_train_examples: int = setting(0, "read only the first N labelled questions (0: all), for quick runs")
+    max_test_examples: int = setting(0, "read only the first N test questions (0: all)")
+    log_dir: str = setting("log/finetune", "where metrics.jsonl, config.toml, best/ and checkpoints/ go")
+    resume: str = setting("auto", "auto: continue the newest readable checkpoint in log_dir, else start; never: "
+                                  "start, refusing a used log_dir; or PATH, a checkpoint folder")
+    init_from: str = setting("openai-gpt", "the model spec to fine-tune: openai-gpt, gpt2, an HF folder, one of "
+                                           "our checkpoints", group="model")
+    markers: str = setting("new", "new: start, delimiter and extract are new embedding rows; eot: "
+                                  "<|endoftext|> (GPT-2)")
+    dropout: float = setting(0.1, "the transformer's dropout, as in pre-training")
+    clf_dropout: float = setting(0.1, "dropout before the classifier")
+    lm_coef: float = setting(0.5, "loss = classifier loss + lm_coef x language-modelling loss")
+    epochs: int = setting(3, "passes over the train questions", group="optimizer and schedule")
+    batch_size: int = setting(32, "questions per optimizer step, over all processes")
+    micro_batch_size: int = setting(8, "questions per forward pass; gradients accumulate up to batch_size")
+    max_lr: float = setting(6.25e-5, "AdamW's peak learning rate")
+    warmup_fraction: float = setting(0.002, "linear warmup over this fraction of the steps, then linear decay "
+                                            "to 0")
+    weight_decay: float = setting(0.01, "AdamW's decoupled weight decay, on 2-D weights only")
+    beta1: float = setting(0.9, "AdamW's first-moment decay")
+    beta2: float = setting(0.999, "AdamW's second-moment decay")
+    eps: float = setting(1e-8, "AdamW's epsilon")
+    grad_clip: float = setting(1.0, "clip the gradient's global norm to this; 0 turns clipping off")
+    eval_batch_size: int = setting(32, "questions per forward pass when scoring", group="evaluation and machine")
+    zero_shot: bool = setting(True, "score the model before fine-tuning by the likelihood of each ending, as "
+                                    "hellaswag.py")
+    seed: int = setting(42, "seeds the new rows, the classifier, the epochs' order and dropout")
+    device: str = setting("auto", "auto, cpu, cuda or mps")
+    dtype: str = setting("auto", "auto (bfloat16 where the device has it natively, else float32), bfloat16, "
+                                 "float32")
+    compile: bool | None = setting(None, "torch.compile the training step; auto: on for CUDA, off elsewhere")
+    compile_mode: str = setting("default", "torch.compile's mode")
+    progress: bool | None = setting(None, "a progress bar; auto: when stderr is a terminal")
+
+    # What the questions, their split, the batches and the model are made of: another value of one is
+    # another experiment, whose val accuracy must not compete with this run's best.
+    RESUME_FIXED: ClassVar[tuple[str, ...]] = ("train_data", "test_data", "val_examples", "split_seed",
+                                               "max_train_examples", "max_test_examples", "init_from", "markers",
+                                               "batch_size", "seed")
 
     def check(self) -> None:
         if not self.train_data:

@@ -14,8 +14,11 @@ The position is three integers (epoch, shard, sequence), which `state_dict()` sa
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +39,15 @@ def check_shards(paths: list[Path], tokenizer: str) -> None:
 def shard_tokenizer(data_dir: Path | str, split: str = "train") -> str:
     """The tokenizer named in the first shard of `split`."""
     return read_shard_info(list_shards(data_dir, split)[0]).tokenizer
+
+
+def corpus_identity(data_dir: Path | str, split: str = "train") -> dict[str, Any]:
+    """What names a corpus wherever its folder is: its tokenizer, and its shards' names and sizes, in
+    numbers and as a fingerprint (the names and sizes hashed: hashing 10B tokens would take minutes)."""
+    infos = [read_shard_info(path) for path in list_shards(data_dir, split)]
+    listing = json.dumps([[info.path.name, info.num_tokens] for info in infos])
+    return {"tokenizer": infos[0].tokenizer, "shards": len(infos), "tokens": sum(info.num_tokens for info in infos),
+            "fingerprint": hashlib.sha256(listing.encode()).hexdigest()[:16]}
 
 
 class TokenLoader:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +43,64 @@ def load_resumable(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[s
     return meta, read_trainer_state(folder), weights
 
 
+def checkpoint_step(folder: Path) -> int:
+    return int(_STEP_FOLDER.match(folder.name)[1])
+
+
 def newest_resumable(log_dir: Path, warn: Any = print) -> tuple[Path, tuple] | None:
-    """The newest checkpoint of the run that loads whole, and what it holds; damaged ones are skipped
-    with a warning (a crash mid-write, a disk that filled up)."""
-    for folder in reversed(list_checkpoints(log_dir)):
+    """The newest checkpoint of the run that loads whole, and what it holds; damaged ones (a crash
+    mid-write, a disk that filled up) are skipped with a warning. None when the run has no checkpoint;
+    a UserError when it has some and none loads, since starting over would throw the run away."""
+    folders = list_checkpoints(log_dir)
+    for folder in reversed(folders):
         try:
             return folder, load_resumable(folder)
         except UserError as error:
             warn(f"warning: skipping checkpoint {folder}: {error}")
+    if folders:
+        raise UserError(f"none of the {len(folders)} checkpoint(s) in {log_dir / 'checkpoints'} can be read (the "
+                        "warnings above say why), so nothing was changed: repair them, move them away to start "
+                        "over, or choose another --log-dir")
     return None
 
 
-def prune_checkpoints(log_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep 0 keeps all)."""
+def changed_settings(saved: dict[str, Any], now: dict[str, Any], fixed: Iterable[str], folder: Path) -> list[str]:
+    """What a resumed segment changes of the settings its checkpoint was trained with, as "name then ->
+    now"; a UserError naming the first of `fixed` that changed, the settings that make another run (the
+    model's shape, the data). A setting that is None now (auto) is resolved later, and not compared."""
+    changes = []
+    for name, value in now.items():
+        if name == "resume" or name not in saved or value is None or saved[name] == value:
+            continue
+        if name in fixed:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {value!r} is not the {saved[name]!r} that {folder} was trained with: resume with "
+                            f"the same {name} (the run's --config, or {flag} {saved[name]}), or start another run in "
+                            "another --log-dir")
+        changes.append(f"{name} {saved[name]!r} -> {value!r}")
+    return changes
+
+
+def set_aside_later_checkpoints(log_dir: Path, step: int, note: Any = print) -> None:
+    """Rename the checkpoints of steps after `step`, the one a run resumes from. The resumed run redoes
+    those steps: they are damaged ones that resume skipped, or the future of a run resumed from an earlier
+    checkpoint on purpose. Renamed, never deleted: resume and pruning no longer see them, nothing is lost."""
+    for folder in list_checkpoints(log_dir):
+        if checkpoint_step(folder) > step:
+            target = folder.with_name(f"{folder.name}.set_aside")
+            suffix = 1
+            while target.exists():
+                target, suffix = folder.with_name(f"{folder.name}.set_aside.{suffix}"), suffix + 1
+            folder.rename(target)
+            note(f"note: {folder} is after step {step}, which this run resumes from: set aside as {target.name}")
+
+
+def prune_checkpoints(log_dir: Path, keep: int, written: Path) -> None:
+    """Keep `written`, the checkpoint just saved, and the newest `keep` - 1 others; delete the rest
+    (keep 0 keeps all)."""
     if keep > 0:
-        for folder in list_checkpoints(log_dir)[:-keep]:
+        others = [folder for folder in list_checkpoints(log_dir) if folder != written]
+        for folder in others[: max(0, len(others) - (keep - 1))]:
             shutil.rmtree(folder, ignore_errors=True)
 
 

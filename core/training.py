@@ -34,12 +34,14 @@ from core.distributed import Distributed
 from core.errors import UserError
 from core.optim import Optimizer, set_learning_rate
 from core.resume import (
+    changed_settings,
     checkpoint_folder,
     list_checkpoints,
     load_resumable,
     newest_resumable,
     prune_checkpoints,
     rng_state,
+    set_aside_later_checkpoints,
     set_rng_state,
 )
 from core.runlog import METRICS_FILE, RunLog
@@ -211,8 +213,12 @@ class TrainingRun:
         loaded = None  # what rank 0 read while checking the newest checkpoint: not read twice
         if self.distributed.is_main:
             if resume == "auto":
-                found = newest_resumable(log_dir, warn=self.log.print)
-                choice[0], loaded = (found[0], found[1]) if found else (None, None)
+                try:
+                    found = newest_resumable(log_dir, warn=self.log.print)
+                except UserError as error:
+                    choice[1] = str(error)
+                else:
+                    choice[0], loaded = (found[0], found[1]) if found else (None, None)
             elif resume != "never":
                 choice[0] = Path(resume)
             elif list_checkpoints(log_dir) or (log_dir / METRICS_FILE).exists():
@@ -228,6 +234,28 @@ class TrainingRun:
         if not folder.is_dir():
             raise UserError(f"--resume {folder}: no such checkpoint folder")
         return folder, loaded or load_resumable(folder)
+
+    def check_resume(self, folder: Path, saved: dict[str, Any], settings: TrainConfig | FinetuneConfig) -> None:
+        """Refuse to resume `folder` with settings that make another run (settings.RESUME_FIXED), and say
+        what else this segment changes: config.toml then records what it uses."""
+        changes = changed_settings(saved, settings.to_dict(), settings.RESUME_FIXED, folder)
+        if changes:
+            self.log.print(f"resuming with changed settings: {'; '.join(changes)}")
+
+    def continue_logs(self, step: int) -> None:
+        """Before a run resumed at `step` writes: later checkpoints set aside, later records dropped."""
+        if self.distributed.is_main:
+            set_aside_later_checkpoints(self.log.log_dir, step, note=self.log.print)
+        self.log.truncate_after(step)
+
+    def start_over(self) -> None:
+        """A fresh start in a log_dir that may hold the logs of a run that never saved a checkpoint: those
+        steps cannot be resumed, so their records are dropped, and a line says so."""
+        metrics = self.log.log_dir / METRICS_FILE
+        if self.distributed.is_main and metrics.exists() and metrics.stat().st_size:
+            self.log.print(f"note: {self.log.log_dir} holds the logs of a run that saved no checkpoint: starting over "
+                           "at step 0, its records dropped")
+        self.log.truncate_after(-1)
 
     def restore_rng(self, rng_states: list[dict[str, Any]]) -> None:
         """This rank's random states as saved, or, when the checkpoint had another number of ranks, a note."""
@@ -252,7 +280,7 @@ class TrainingRun:
             folder = save_checkpoint(checkpoint_folder(log_dir, step), model, tokenizer,
                                      trainer_state={**trainer_state, "step": step, "rng": rng_states}, step=step,
                                      **save_options)
-            prune_checkpoints(log_dir, keep)
+            prune_checkpoints(log_dir, keep, written=folder)
             self.log.print(f"saved {folder}")
         if self.world_size > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint that it may have to resume from

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,11 @@ from core.errors import exit_on_user_error
 # The timeout of every subprocess a test starts: it only ends a hang, so it is no speed limit (a busy
 # machine, or a slow CPU kind, must not fail a test by being slow).
 HANG_GUARD_SECONDS = 1800
+# train_gpt2.py's flags for a model small enough for a step to take a fraction of a second on one core.
+SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--seq-len", "32",
+         "--micro-batch-size", "4", "--warmup-steps", "2", "--max-lr", "1e-3", "--val-tokens", "0",
+         "--hellaswag-examples", "0", "--num-samples", "0", "--device", "cpu", "--dtype", "float32",
+         "--progress", "false"]
 
 
 def run_stage(script: str, args: list[str], monkeypatch: pytest.MonkeyPatch,
@@ -28,3 +34,8 @@ def run_stage(script: str, args: list[str], monkeypatch: pytest.MonkeyPatch,
         status = exit.code
     captured = capsys.readouterr()
     return status, captured.out, captured.err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` and its bytes, to show that a refusal changed nothing."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}

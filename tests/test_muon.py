@@ -16,8 +16,7 @@ from core.muon import Muon, orthogonalize
 from core.optim import MuonWithAdamW, build_optimizer, scheduled_learning_rate, wsd_learning_rate
 from core.pretrained import load_model
 from model import GPT, GPTConfig
-from tests.stages import run_stage
-from tests.test_train import SMALL
+from tests.stages import SMALL, run_stage
 
 # Keller Jordan's quintic pushes every singular value of a matrix whose spectrum spans two decades into
 # about [0.67, 1.2] in 5 steps (measured over random spectra, float32 and bfloat16): not exactly 1.
@@ -134,6 +133,6 @@ def test_a_muon_run_in_bfloat16_and_compiled_exports_to_transformers(
         torch.testing.assert_close(theirs(tokens).logits, ours.eval()(tokens)[0][..., :50257], atol=1e-4, rtol=1e-4)
     capsys.readouterr()  # transformers' loading bars
     status, _, err = run_stage("train_gpt2", [*base, "--max-steps", "4"], monkeypatch, capsys)  # adamw: refused
-    assert status == 2 and "trained with optimizer 'muon'" in err and len(err.splitlines()) == 1, err
+    assert status == 2 and "--optimizer 'adamw' is not the 'muon' that" in err and len(err.splitlines()) == 1, err
     with pytest.raises(UserError, match="optimizer 'sgd'"):
         train_gpt2.parse_config(["--optimizer", "sgd"])

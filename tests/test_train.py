@@ -32,14 +32,9 @@ from core.shards import list_shards, open_shard, write_shard
 from model import GPT, GPTConfig
 from tests.core_files import make_bundle
 from tests.data_paths import HELLASWAG
-from tests.stages import HANG_GUARD_SECONDS
+from tests.stages import HANG_GUARD_SECONDS, SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
-# A model small enough for a step to take a fraction of a second on one core.
-SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--seq-len", "32",
-         "--micro-batch-size", "4", "--warmup-steps", "2", "--max-lr", "1e-3", "--val-tokens", "0",
-         "--hellaswag-examples", "0", "--num-samples", "0", "--device", "cpu", "--dtype", "float32",
-         "--progress", "false"]
 
 
 def run_script(script: Path, *args: str, cwd: Path, env: dict | None = None,
