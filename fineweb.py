@@ -6,12 +6,13 @@
         --tokenizer cl100k_base --out data/wiki_cn --prefix wikicn
 
 Every document becomes <|endoftext|> followed by its tokens. The first documents of the stream, as
-many as fit whole in --val-tokens (default: one shard, as build-nanogpt's first shard), are the val
-split; all later documents are train, optionally shuffled (--shuffle-seed). With --shuffle-val the
-shuffle comes first, so val is a sample of the first shuffle window (of the whole corpus, when the
-window covers it), not its opening: for a corpus whose documents are not alike from start to end,
-such as one play after another. No document is split between val and train. Each split is cut into
-shards of --shard-size tokens (format: core/shards.py).
+many as fit whole in --val-tokens (default: one shard, as build-nanogpt's first shard; for local files
+at most a tenth of them, so that a small corpus trains with the defaults), are the val split; all
+later documents are train, optionally shuffled (--shuffle-seed). With --shuffle-val the shuffle comes
+first, so val is a sample of the first shuffle window (of the whole corpus, when the window covers
+it), not its opening: for a corpus whose documents are not alike from start to end, such as one play
+after another. No document is split between val and train. Each split is cut into shards of
+--shard-size tokens (format: core/shards.py). --out holds one corpus: files of another are refused.
 
 The shards are the same whatever --workers is. Each shard is written atomically, and after each one
 OUT/PREFIX_manifest.json records where to resume: re-running the same command after an interruption
@@ -23,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import tiktoken
 
+from core.cli import StageParser
 from core.corpus import SPLITS, build_corpus
 from core.documents import find_input_files, hub_documents, local_documents
 from core.errors import exit_on_user_error
@@ -40,7 +43,7 @@ DEFAULT_DATASET_CONFIG = "sample-10BT"  # only for the default dataset
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageParser(__doc__)
     source = parser.add_argument_group("source (default: FineWeb-Edu sample-10BT, streamed from the HF hub)")
     source.add_argument("--input", nargs="+", type=Path, metavar="PATH",
                         help="local files or folders instead of a dataset: .txt (one document per file), "
@@ -57,14 +60,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--max-docs", type=_count, metavar="N", help="read only the first N documents")
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, default=Path("edu_fineweb10B"), help="folder (default: %(default)s)")
-    output.add_argument("--prefix", default="edufineweb",
-                        help="shard names are PREFIX_{val,train}_NNNNNN.bin (default: %(default)s)")
-    output.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2", help="(default: %(default)s)")
+    output.add_argument("--prefix", default="edufineweb", type=_prefix,
+                        help="shard names are PREFIX_{val,train}_NNNNNN.bin: letters, digits, '.', '_', '-' "
+                             "(default: %(default)s)")
+    output.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2",
+                        help="gpt2 (GPT-2's BPE, uint16 shards) or cl100k_base (GPT-4's, uint32) "
+                             "(default: %(default)s)")
     output.add_argument("--shard-size", type=_positive_count, default=100_000_000, metavar="TOKENS",
                         help="tokens per shard; 1e8 and 100_000_000 both work (default: 1e8)")
     output.add_argument("--val-tokens", type=_count, metavar="TOKENS",
                         help="val holds the first documents that fit whole in TOKENS (at least one); 0 for "
-                             "no val (default: the shard size)")
+                             "no val (default: one shard; for --input, at most a tenth of the files' estimated "
+                             "tokens)")
     output.add_argument("--max-tokens", type=_positive_count, metavar="TOKENS",
                         help="stop after TOKENS tokens in all (the last document is cut)")
     output.add_argument("--shuffle-seed", type=_count, metavar="SEED",
@@ -79,8 +86,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.input is None and args.dataset_config is None and args.dataset == DEFAULT_DATASET:
         args.dataset_config = DEFAULT_DATASET_CONFIG
-    if args.val_tokens is None:
-        args.val_tokens = args.shard_size
     if args.shuffle_val and args.shuffle_seed is None:
         parser.error("--shuffle-val needs --shuffle-seed")
     return args
@@ -94,6 +99,23 @@ def _count(text: str) -> int:
     if value < 0 or value != int(value):
         raise argparse.ArgumentTypeError(f"not a whole number >= 0: {text!r}")
     return int(value)
+
+
+def _prefix(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shard name prefix: use letters, digits, '.', '_' and "
+                                         "'-' (no '/': the folder is --out)")
+    return text
+
+
+def default_val_tokens(files: list[Path], shard_size: int) -> int:
+    """--val-tokens left out: one shard, as build-nanogpt's FineWeb-Edu val, and for local files at most a
+    tenth of their tokens, estimated from their bytes (about 4 a token in English BPE), so that a small
+    corpus keeps most of itself for train. A dataset's size is unknown before it is read."""
+    if not files:
+        return shard_size
+    estimated_tokens = sum(file.stat().st_size for file in files) // 4
+    return max(1, min(shard_size, estimated_tokens // 10))
 
 
 def _positive_count(text: str) -> int:
@@ -123,6 +145,8 @@ def settings_of(args: argparse.Namespace, files: list[Path]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     files = find_input_files(args.input) if args.input else []
+    if args.val_tokens is None:
+        args.val_tokens = default_val_tokens(files, args.shard_size)
     encoding = get_tokenizer(args.tokenizer)
 
     def documents() -> Iterator[str]:
@@ -147,7 +171,8 @@ def print_summary(folder: Path, manifest: dict[str, Any], encoding: tiktoken.Enc
         documents = manifest["resume"]["documents"][split]
         print(f"  {split + ':':6} {len(shards):6,} shards {tokens:16,} tokens {documents:14,} documents")
     if not manifest["splits"]["train"]["shards"]:
-        print(f"warning: train is empty: every document went to val (--val-tokens {settings['val_tokens']:,})")
+        print(f"warning: train is empty: every document went to val (--val-tokens {settings['val_tokens']:,}); "
+              f"to train on this corpus, delete {folder} and make it again with a smaller --val-tokens")
 
 
 if __name__ == "__main__":

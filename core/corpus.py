@@ -12,6 +12,7 @@ a re-run after an interruption skips the documents of the complete shards withou
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from core.atomic import write_file_atomically
 from core.errors import UserError
-from core.shards import SplitWriter, read_shard_info
+from core.shards import SplitWriter, read_shard_info, shard_prefix
 
 SPLITS = ("val", "train")
 # Text per tokenizer task: big enough that task overhead is lost in the noise, small enough that the
@@ -55,11 +56,14 @@ def build_corpus(folder: Path, settings: dict[str, Any], documents: Callable[[],
     "shuffle_val", and whatever else names the source."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file, not a folder")
+    if folder.is_dir():
+        check_holds_only(folder, settings["prefix"])
     manifest = load_manifest(folder, settings["prefix"], settings)
     if manifest and manifest["complete"]:
         report(f"{folder}: complete already, nothing to do")
         return CorpusBuild(manifest, 0, 0.0)
     stream = documents()
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     builder = ShardBuilder(folder, encoding, settings, manifest)
     first = builder.restart.document
@@ -68,7 +72,12 @@ def build_corpus(folder: Path, settings: dict[str, Any], documents: Callable[[],
         report(f"resuming: {done} shards complete; " + (f"skipping their {first:,} documents (read, not tokenized)"
                if first else "they come from the first shuffle window, which is tokenized again"))
     started, tokens_at_start = time.perf_counter(), builder.total_tokens
-    manifest = build_shards(builder, islice(stream, first, settings["max_docs"]), encoding, workers)
+    try:
+        manifest = build_shards(builder, islice(stream, first, settings["max_docs"]), encoding, workers)
+    except UserError:
+        if created and not any(writer.shards for writer in builder.writers.values()):
+            shutil.rmtree(folder)  # bad input before the first shard: leave no folder that looks like a start
+        raise
     return CorpusBuild(manifest, builder.total_tokens - tokens_at_start, time.perf_counter() - started)
 
 
@@ -262,7 +271,7 @@ def build_shards(builder: ShardBuilder, documents: Iterable[str], encoding: tikt
     document = builder.restart.document
     try:
         with tqdm(total=builder.max_tokens, initial=builder.total_tokens, unit="tok", unit_scale=True,
-                  desc="tokenizing") as bar:
+                  desc="tokenizing", disable=None) as bar:  # None: a bar at a terminal only
             for batch in tokenize_in_order(documents, encoding, workers):
                 for tokens in batch:
                     keep_going = builder.add(document, tokens)
@@ -283,6 +292,17 @@ def build_shards(builder: ShardBuilder, documents: Iterable[str], encoding: tikt
 
 def manifest_path(folder: Path, prefix: str) -> Path:
     return folder / f"{prefix}_manifest.json"
+
+
+def check_holds_only(folder: Path, prefix: str) -> None:
+    """A corpus folder holds one corpus: its shards and manifest, hidden files aside (half-written shards,
+    a desktop's). Shards of another prefix beside them would be read as one corpus, or refused, later."""
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.name == manifest_path(folder, prefix).name or \
+                shard_prefix(path) == prefix:
+            continue
+        raise UserError(f"--out {folder} already holds {path.name}, which is not of the corpus {prefix!r} this "
+                        "command makes: a folder holds one corpus, so choose another --out")
 
 
 def load_manifest(folder: Path, prefix: str, settings: dict[str, Any]) -> dict[str, Any] | None:

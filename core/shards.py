@@ -68,26 +68,37 @@ def shard_path(folder: Path | str, prefix: str, split: str, index: int) -> Path:
 def list_shards(folder: Path | str, split: str) -> list[Path]:
     """The shards of `split` in `folder` (ours and build-nanogpt's), in index order.
 
-    Raises UserError when there are none, or when two files claim the same place in the order."""
+    Raises UserError when there are none, when two files claim the same place in the order, or when
+    the folder holds shards of several corpora (prefixes), whichever split they are of."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of token shards")
     found: dict[tuple[str, int], Path] = {}
+    prefixes = set()
     for path in folder.iterdir():
         match = _SHARD_NAME.match(path.name)
-        if match is None or match["split"] != split:
+        if match is None:
+            continue
+        prefixes.add(match["prefix"])
+        if match["split"] != split:
             continue
         key = (match["prefix"], int(match["index"]))
         if key in found:
             raise UserError(f"{found[key]} and {path} are both shard {key[1]} of {split!r}: remove one")
         found[key] = path
+    if len(prefixes) > 1:
+        raise UserError(f"{folder} mixes the shards of several corpora ({', '.join(sorted(prefixes))}): keep each "
+                        "corpus in a folder of its own")
     if not found:
         raise UserError(f"no {split!r} shards in {folder} (expected names like "
                         f"{shard_path(folder, 'prefix', split, 0).name})")
-    prefixes = {prefix for prefix, _ in found}
-    if len(prefixes) > 1:
-        raise UserError(f"{folder} mixes {split!r} shards of several corpora ({', '.join(sorted(prefixes))})")
     return [found[key] for key in sorted(found)]
+
+
+def shard_prefix(path: Path) -> str | None:
+    """The corpus (prefix) a file's name gives it as a shard; None when it is not named as one."""
+    match = _SHARD_NAME.match(path.name)
+    return match["prefix"] if match else None
 
 
 class ShardWriter:

@@ -265,13 +265,46 @@ def test_val_holds_at_least_the_first_document(tmp_path: Path, fineweb_jsonl: Pa
 
 
 def test_val_size_defaults_to_one_shard(tmp_path: Path, fineweb_jsonl: Path, fineweb_docs: list[str]) -> None:
-    manifest = build("--input", fineweb_jsonl, "--out", tmp_path, "--shard-size", 20000)
-    assert manifest["settings"]["val_tokens"] == 20000
+    assert fineweb_jsonl.stat().st_size // 4 // 10 > 5000  # a tenth of the file is more than a shard
+    manifest = build("--input", fineweb_jsonl, "--out", tmp_path, "--shard-size", 5000)
+    assert manifest["settings"]["val_tokens"] == 5000
     encoding = get_tokenizer("gpt2")
     sizes = [1 + len(encoding.encode_ordinary(doc)) for doc in fineweb_docs]
-    n_val = next(n for n in range(len(sizes)) if sum(sizes[: n + 1]) > 20000)  # whole documents within 20,000
+    n_val = next(n for n in range(len(sizes)) if sum(sizes[: n + 1]) > 5000)  # whole documents within 5,000
     assert decode(tmp_path, "val") == "".join(EOT + doc for doc in fineweb_docs[:n_val])
     assert [path.name for path in list_shards(tmp_path, "val")] == ["edufineweb_val_000000.bin"]
+
+
+def test_a_small_corpus_keeps_most_of_itself_for_train_with_the_default_val(tmp_path: Path) -> None:
+    """#21 case 8: a one-shard default val put every document of a corpus under 100M tokens into val."""
+    manifest = build("--input", SHAKESPEARE, "--txt-paragraphs", "--out", tmp_path)
+    val, train = (manifest["splits"][split]["tokens"] for split in ("val", "train"))
+    assert manifest["settings"]["val_tokens"] == SHAKESPEARE.stat().st_size // 40
+    assert 0.05 < val / (val + train) < 0.15  # about a tenth: the bytes' estimate of the tokens is close
+
+
+def test_a_folder_holds_one_corpus(tmp_path: Path, fineweb_jsonl: Path, shakespeare_shards: Path) -> None:
+    """#21 case 7: a second --prefix went into the same --out, and training then said that val was off."""
+    build("--input", fineweb_jsonl, "--out", tmp_path / "out", "--prefix", "edu", "--val-tokens", 30000)
+    before = folder_bytes(tmp_path / "out")
+    with pytest.raises(UserError, match=r"--out .*out already holds edu_manifest.json, which is not of the corpus "
+                                        r"'wiki' this command makes"):
+        build("--input", fineweb_jsonl, "--out", tmp_path / "out", "--prefix", "wiki", "--val-tokens", 0)
+    assert folder_bytes(tmp_path / "out") == before
+    for path in shakespeare_shards.glob("*_train_*"):  # made by hand: train shards of a second corpus
+        (tmp_path / "out" / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(UserError, match=r"mixes the shards of several corpora \(edu, shakespeare\)"):
+        list_shards(tmp_path / "out", "val")  # what training looks for first: the real cause, not "no val"
+
+
+def test_a_prefix_is_a_name_not_a_path(tmp_path: Path, fineweb_jsonl: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit:
+        build("--input", fineweb_jsonl, "--out", tmp_path / "out", "--prefix", "a/b")
+    assert exit.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "argument --prefix: 'a/b' is not a shard name prefix: use letters, digits, '.', '_' and '-' (no '/': the " \
+           "folder is --out)" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_val_that_takes_everything_warns_that_train_is_empty(tmp_path: Path, fineweb_jsonl: Path,
