@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from core.cli import StageParser, check_output_file
 from core.core_benchmark import (
     TaskScore,
     bundle_folder_on_every_rank,
@@ -33,8 +34,7 @@ from core.scoring import load_model_to_score, scoring_autocast
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = StageParser(__doc__)
     add_model_arguments(parser)
     parser.add_argument("--tasks", default="core", help="core (every task of the bundle's core.yaml, the default) "
                                                         "or a comma list of task labels")
@@ -49,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.batch_size < 1 or (args.max_per_task is not None and args.max_per_task < 1):
         parser.error("--batch-size and --max-per-task must be >= 1")
+    if args.output:
+        check_output_file(args.output, "--output", [Path(args.model), *([args.bundle] if args.bundle else [])])
     return args
 
 

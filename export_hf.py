@@ -8,9 +8,9 @@ as an openai-gpt folder (with its vocab.json and merges.txt).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from core.cli import StageParser
 from core.errors import UserError, exit_on_user_error
 from core.hf import export_hf
 from core.pretrained import load_model_and_tokenizer
@@ -18,7 +18,7 @@ from core.tokenizer import tokenizer_files
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageParser(__doc__)
     parser.add_argument("model", help="our checkpoint folder, an HF folder, or an HF hub name")
     parser.add_argument("out", type=Path, help="folder to write config.json and model.safetensors into")
     parser.add_argument("--force", action="store_true", help="overwrite files already in OUT")

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.cli import StageParser, check_output_file
 from core.devices import dtype_name
 from core.distributed import distributed_run
 from core.errors import UserError, exit_on_user_error
@@ -32,7 +33,7 @@ from core.scoring import load_model_to_score, scoring_autocast
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageParser(__doc__)
     add_model_arguments(parser)
     parser.add_argument("--data", type=Path, help="a local hellaswag_val.jsonl (default: download it into the "
                                                   "cache, ~/.cache/gpt2-toolkit or $GPT2_TOOLKIT_CACHE)")
@@ -43,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be >= 1")
+    if args.output:
+        check_output_file(args.output, "--output", [args.data, Path(args.model)] if args.data else [Path(args.model)])
     return args
 
 

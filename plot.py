@@ -11,18 +11,21 @@ hellaswag.py uses): OpenAI GPT-2 124M at 0.2955 and GPT-3 Small at 0.337. A run 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from core.cli import StageParser, check_output_file
 from core.errors import exit_on_user_error
 from core.plotting import plot_run
+from core.runlog import METRICS_FILE
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageParser(__doc__)
     parser.add_argument("log_dir", type=Path, help="a training run's LOG_DIR (holding metrics.jsonl)")
     parser.add_argument("--out", type=Path, help="the PNG to write (default: LOG_DIR/plot.png)")
     args = parser.parse_args(argv)
+    if args.out:
+        check_output_file(args.out, "--out", [args.log_dir / METRICS_FILE])
     print(f"wrote {plot_run(args.log_dir, args.out or args.log_dir / 'plot.png')}")
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from core.cli import StageParser
 from core.devices import dtype_name, enable_tf32, resolve_device, resolve_dtype
 from core.errors import UserError, exit_on_user_error
 from core.generation import Sampling, TextStream, compile_decode_step, fit_to_context, stream_tokens
@@ -31,7 +32,7 @@ from model import GPT
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageParser(__doc__)
     parser.add_argument("prompt", nargs="?", help="the prompt (default: --prompt-file, else stdin when piped, "
                                                   "else unconditional from <|endoftext|>)")
     add_model_arguments(parser, cpu_bfloat16=True)

@@ -12,7 +12,6 @@ Float32 decisions must be identical.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
+from core.cli import StageParser
 from core.core_benchmark import evaluate_core, prepare_this_ranks_share, read_tasks
 from core.devices import resolve_device
 from core.matmul import use_measured_matmuls
@@ -32,7 +32,7 @@ CORE_SLICE = Path(__file__).resolve().parents[2] / "shared" / "data" / "core_eva
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageParser(__doc__)
     parser.add_argument("--bundle", type=Path, default=CORE_SLICE)
     parser.add_argument("--max-per-task", type=int, default=11)  # the fewest a 10-shot task takes
     parser.add_argument("--batch-size", type=int, default=16)

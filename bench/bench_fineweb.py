@@ -18,7 +18,6 @@ whatever the corpus size.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.cli import StageParser  # noqa: E402
 from core.tokenizer import get_tokenizer  # noqa: E402
 from tests.data_paths import FINEWEB_DOCS, SHAKESPEARE  # noqa: E402
 
@@ -135,7 +135,7 @@ def vm_hwm_mb(status: Path) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageParser(__doc__)
     parser.add_argument("--size-mb", type=float, default=24, help="corpus size (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="threads for both sides (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")

@@ -10,7 +10,6 @@ method) in float32 on the same weights, in the same run. Float32 predictions mus
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
+from core.cli import StageParser
 from core.devices import resolve_device
 from core.evaluation import read_hellaswag, score_examples
 from core.matmul import use_measured_matmuls
@@ -36,7 +36,7 @@ def timed(run: Callable[[], object]) -> tuple[object, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageParser(__doc__)
     parser.add_argument("--data", type=Path, default=HELLASWAG)
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -20,6 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.cli import StageParser  # noqa: E402
+
 GIB = 2**30
 
 
@@ -64,7 +66,7 @@ def one_step(size: int, loss: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageParser(__doc__)
     parser.add_argument("--sizes", default="1,2,4", help="micro-batch sizes (default: %(default)s)")
     parser.add_argument("--child", nargs=2, metavar=("SIZE", "LOSS"), help=argparse.SUPPRESS)
     args = parser.parse_args()

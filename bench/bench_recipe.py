@@ -14,7 +14,6 @@ tokens Muon needs are those of the shortest horizon whose mean final val loss is
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import itertools
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fineweb
 import train_gpt2
 from bench.hardware import describe_hardware
+from core.cli import StageParser
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "128", "--seq-len", "128",
@@ -74,7 +74,7 @@ def tokens_to_reach(target: float, finals: dict[int, float]) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageParser(__doc__)
     parser.add_argument("--steps", type=int, default=200, help="the whole horizon, 1024 tokens a step")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()

@@ -17,7 +17,6 @@ in a loop that recomputes the whole sequence at every step, as build-nanogpt's s
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
+from core.cli import StageParser
 from core.devices import resolve_device, resolve_dtype, synchronize
 from core.generation import Sampling, compile_decode_step, generate, sample_next
 from core.hf import config_to_hf, state_dict_to_hf
@@ -116,7 +116,7 @@ def tokens_per_second(run: Callable[[], list[list[int]]], repeats: int) -> float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageParser(__doc__)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=3)

@@ -12,7 +12,6 @@ Configs: GPT-2 124M at T=1024, and a small one (4 layers, 256 wide, T=256, B=8).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
+from core.cli import StageParser
 from core.hf import config_to_hf, state_dict_to_hf
 from core.mfu import flops_per_token, measured_peak
 from core.optim import make_optimizer
@@ -93,7 +93,7 @@ def fast_enough(dtype_name: str, peak: float, shape: dict, batch: int, seq_len: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageParser(__doc__)
     parser.add_argument("--configs", default="small,124m")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--modes", default="eager,compiled")

@@ -12,7 +12,6 @@ directly, and says what it compared when it fails. Exit status 1 when any check 
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from core.cli import StageParser  # noqa: E402
 
 # A 124M-shaped model on short runs: what the recipe trains, small enough batches to be quick.
 MODEL_124M = ["--n-layer", "12", "--n-head", "12", "--n-embd", "768", "--block-size", "1024", "--seq-len", "1024"]
@@ -194,7 +195,7 @@ def check_loss_memory() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageParser(__doc__)
     parser.add_argument("--keep", type=Path, help="write the runs here and keep them (default: a temporary folder)")
     args = parser.parse_args()
     import torch

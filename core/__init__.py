@@ -14,6 +14,7 @@ One module per concept.
   flags), `optim` (AdamW groups, Muon with AdamW, LR schedules), `muon` (the Muon optimizer), `resume`
   (training checkpoints, RNG states), `runlog` (logs and metrics), `mfu`, `plotting`, `multiple_choice`
   (GPT-1's fine-tuning on Story Cloze and the like).
-- Running: `devices` (device and dtype), `distributed` (torchrun), `errors` (one-line user errors).
+- Running: `devices` (device and dtype), `distributed` (torchrun), `errors` (one-line user errors),
+  `cli` (the stages' command lines: no abbreviations, one-line errors).
 The model itself lives in the top-level `model.py`.
 """
