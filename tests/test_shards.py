@@ -146,7 +146,7 @@ def test_list_shards_orders_by_index_and_ignores_the_rest(tmp_path: Path) -> Non
 def test_list_shards_refuses_two_corpora_in_one_folder(tmp_path: Path) -> None:
     gpt2_shard(tmp_path)
     write_shard(shard_path(tmp_path, "other", "train", 0), np.zeros(3, dtype=np.uint16), "gpt2", 50257)
-    with pytest.raises(UserError, match=r"mixes 'train' shards of several corpora \(corpus, other\)"):
+    with pytest.raises(UserError, match=r"mixes the shards of several corpora \(corpus, other\)"):
         list_shards(tmp_path, "train")
 
 
