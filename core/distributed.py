@@ -61,11 +61,6 @@ def distributed_run(device_name: str = "auto") -> Iterator[Distributed]:
     distributed = init_distributed(device_name)
     try:
         yield distributed
-        if dist.is_initialized():
-            # Ranks leave together: a gloo process whose peer has already torn the group down can
-            # abort at exit ("terminate called without an active exception"), and ranks that skip
-            # the report (evaluate.py, hellaswag.py) finish first.
-            dist.barrier()
     finally:
         close_distributed()
 
