@@ -81,6 +81,17 @@ def enable_tf32(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def settle_cpu_threads(device: torch.device) -> None:
+    """Run one multithreaded CPU op before any that counts. The first parallel region of a process may
+    split its work between the threads otherwise than every later one, and where vectorized and scalar
+    code round differently (exp, tanh) the results then differ in the last bit: on the 2-core Xeon of
+    the README's tables, the first large exp_ of 2 in 30 fresh processes did, never after such a warm-up
+    nor with one thread. A resumed run's first step is its process's first, so without this, bitwise
+    resume failed now and then."""
+    if device.type == "cpu":
+        torch.ones(1 << 20).exp_()
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """"bfloat16" for torch.bfloat16: the spelling of --dtype, for reports and config.toml."""
     return str(dtype).removeprefix("torch.")
