@@ -7,13 +7,17 @@ One training step is what train_gpt2.py does per micro-batch and optimizer step:
 loss, backward, gradient clipping at 1.0, fused AdamW. bf16 means autocast over float32 weights, as
 in training. Both models hold the same weights and see the same batches; HF runs with sdpa attention.
 MFU is against the matmul peak of the same dtype, measured here in the same run (core/mfu.py).
-Configs: GPT-2 124M at T=1024, and a small one (4 layers, 256 wide, T=256, B=8).
+Configs: GPT-2 124M at T=1024, and a small one (4 layers, 256 wide, T=256, B=8). Last, per config, what
+train_gpt2.py itself reaches with its defaults on the same shape (its metrics' tokens_per_second).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +83,30 @@ def measure(step: Callable[[torch.Tensor], float], batches: list[torch.Tensor], 
     return warmup_seconds, statistics.median(times)
 
 
+def train_gpt2_tokens_per_second(shape: dict, batch: int, seq_len: int, steps: int) -> float:
+    """What `python train_gpt2.py` itself reaches on this shape with its defaults (device, dtype, compile
+    as `auto` resolves them here): the median `tokens_per_second` of its metrics, after one step."""
+    import train_gpt2  # here: its import is only needed for this row
+    from core.runlog import read_records
+    from core.shards import write_shard
+
+    with tempfile.TemporaryDirectory() as folder:
+        data, log_dir = Path(folder) / "data", Path(folder) / "log"
+        data.mkdir()
+        count = (steps + 2) * batch * (seq_len + 1)
+        tokens = torch.randint(0, 50257, (count,), generator=torch.Generator().manual_seed(0))
+        write_shard(data / "random_train_000000.bin", tokens.numpy(), "gpt2", 50257)
+        model = [f"--{key.replace('_', '-')}={value}" for key, value in shape.items()]
+        with contextlib.redirect_stdout(io.StringIO()):
+            train_gpt2.main(["--data-dir", str(data), "--log-dir", str(log_dir), *model, "--seq-len", str(seq_len),
+                             "--micro-batch-size", str(batch), "--total-batch-size", str(batch * seq_len),
+                             "--max-steps", str(steps + 1), "--val-tokens", "0", "--hellaswag-examples", "0",
+                             "--num-samples", "0", "--plot", "false", "--progress", "false",
+                             "--checkpoint-interval", str(10 * steps)])
+        records = [r for r in read_records(log_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
+        return statistics.median(r["tokens_per_second"] for r in records[1:])
+
+
 def fast_enough(dtype_name: str, peak: float, shape: dict, batch: int, seq_len: int, max_seconds: float) -> bool:
     """Whether a training step in this dtype could finish within `max_seconds`, judged at the dtype's
     measured matmul peak: a lower bound on the step's time. It rules out, say, bfloat16 on a CPU without
@@ -132,6 +160,9 @@ def main() -> None:
                         best[impl] = (tps, label)
         if not best:
             continue
+        own = train_gpt2_tokens_per_second(shape, batch, seq_len, args.steps)
+        print(f"  train_gpt2.py with its defaults: {own:9.1f} tokens/s, {own / best['ours'][0]:.2f} of best ours "
+              f"(goal: within 10%)")
         goal = 1.5 if config_name == "small" else 1.2
         print(f"  best ours ({best['ours'][1]}) / best HF ({best['HF'][1]}) = "
               f"{best['ours'][0] / best['HF'][0]:.2f}x (goal {goal}x)")
