@@ -67,7 +67,8 @@ class Finetuner:
         self.run = TrainingRun(config, distributed, self.log)
         resume = self.run.find_resume_point(self.log_dir, config.resume)
         if resume is not None:
-            self.run.check_resume(resume[0], resume[1][1].get("config", {}), config)
+            folder, (_, trainer_state, _) = resume
+            self.run.check_resume(folder, trainer_state.get("config", {}), config)
         elif (self.log_dir / BEST_FOLDER).exists():
             raise UserError(f"{self.log_dir} holds the result of an earlier run ({BEST_FOLDER}/) and no checkpoint to "
                             "resume: choose another --log-dir, or move it away")
