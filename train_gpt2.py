@@ -30,7 +30,7 @@ from core.core_benchmark import (
     prepare_this_ranks_share,
     read_tasks,
 )
-from core.data import TokenLoader, ValSet, corpus_identity, shard_tokenizer
+from core.data import TokenLoader, ValSet, corpus_identity
 from core.devices import accumulation_dtype, to_device
 from core.distributed import Distributed, distributed_run
 from core.errors import UserError, exit_on_user_error
@@ -67,13 +67,13 @@ class Trainer:
         self.log = RunLog(self.log_dir, enabled=self.is_main, tensorboard=config.tensorboard)
         self.run = TrainingRun(config, distributed, self.log)
         self.dtype = self.run.dtype
-        self.tokenizer_name = self._data_tokenizer()
+        self.corpus = self._corpus()
+        self.tokenizer_name = self.corpus["tokenizer"]
         self.tokenizer = get_tokenizer(self.tokenizer_name)
         # The MFU ceiling is measured (on a CPU) before any seeded draw, so that it moves no random state.
         self.peak = peak_flops(self.device, self.dtype, config.peak_flops) if self.is_main else None
 
         torch.manual_seed(config.seed)
-        self.corpus = corpus_identity(config.data_dir)
         resume = self.run.find_resume_point(self.log_dir, config.resume)
         if resume is not None:
             self._check_resume(*resume)
@@ -104,18 +104,23 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------------
 
-    def _data_tokenizer(self) -> str:
+    def _corpus(self) -> dict:
+        """The train shards' identity (core.data.corpus_identity: their tokenizer among it), which the
+        checkpoints record; a folder holding val shards alone is named as what it is."""
         data_dir = Path(self.config.data_dir)
         if not data_dir.is_dir():
             raise UserError(f"data_dir {data_dir} does not exist: make it with `python fineweb.py` (FineWeb-Edu), "
                             "or point --data-dir at a folder of token shards")
         try:
-            return shard_tokenizer(data_dir, "train")
+            list_shards(data_dir, "train")
         except UserError as error:
-            if not list(data_dir.glob("*_val_[0-9][0-9][0-9][0-9][0-9][0-9].*")):
-                raise
+            try:
+                list_shards(data_dir, "val")
+            except UserError:
+                raise error from None
             raise UserError(f"{error}, only val shards: the whole corpus went to val; make it again with "
                             "`python fineweb.py` and a smaller --val-tokens") from None
+        return corpus_identity(data_dir)
 
     def _build_model(self, resume: tuple[Path, tuple] | None) -> GPT:
         config = self.config

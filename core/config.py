@@ -48,12 +48,12 @@ class Settings:
         cls.add_arguments(parser)
         args, unknown = parser.parse_known_args(argv)
         if unknown:
-            flag = next((item for item in unknown if item.startswith("--")), unknown[0])
-            raise cls.unknown_key(flag.removeprefix("--").split("=")[0].replace("-", "_"), "command line")
+            given = next((item for item in unknown if item.startswith("--")), unknown[0])
+            raise cls.unknown_key(given.removeprefix("--").split("=")[0].replace("-", "_"), "command line")
         values = cls.read_toml(args.config) if args.config is not None else {}
         for name in cls.field_names():
             if hasattr(args, name):
-                values[name] = cls.coerce(name, getattr(args, name), "--" + name.replace("_", "-"))
+                values[name] = cls.coerce(name, getattr(args, name), flag(name))
         return cls.from_values(values)
 
     @classmethod
@@ -104,7 +104,7 @@ class Settings:
                 group = parser.add_argument_group(item.metadata["group"])
             base, _ = cls.field_type(item.name)
             metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}[base]
-            group.add_argument("--" + item.name.replace("_", "-"), dest=item.name, metavar=metavar,
+            group.add_argument(flag(item.name), dest=item.name, metavar=metavar,
                                nargs="?" if base is bool else None, const="true" if base is bool else None,
                                default=argparse.SUPPRESS,
                                help=f"{item.metadata.get('help', '')} (default: {_shown(item.default)})")
@@ -140,6 +140,11 @@ class Settings:
             raise UserError(f"{where}: {name} must be {'a ' + base.__name__ if base is not int else 'an int'}, "
                             f"got {value!r}")
         return value
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a setting: max_lr is --max-lr."""
+    return "--" + name.replace("_", "-")
 
 
 def _shown(default: Any) -> str:

@@ -36,11 +36,6 @@ def check_shards(paths: list[Path], tokenizer: str) -> None:
                             f"{tokenizer!r}: tokenize the data again with fineweb.py --tokenizer {tokenizer}")
 
 
-def shard_tokenizer(data_dir: Path | str, split: str = "train") -> str:
-    """The tokenizer named in the first shard of `split`."""
-    return read_shard_info(list_shards(data_dir, split)[0]).tokenizer
-
-
 def corpus_identity(data_dir: Path | str, split: str = "train") -> dict[str, Any]:
     """What names a corpus wherever its folder is: its tokenizer, and its shards' names and sizes, in
     numbers and as a fingerprint (the names and sizes hashed: hashing 10B tokens would take minutes)."""

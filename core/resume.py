@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from core.checkpoint import read_checkpoint, read_trainer_state
+from core.config import flag
 from core.errors import UserError
 
 _STEP_FOLDER = re.compile(r"^step_(\d{6,})$")
@@ -73,10 +74,9 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any], fixed: Iterable
         if name == "resume" or name not in saved or value is None or saved[name] == value:
             continue
         if name in fixed:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} {value!r} is not the {saved[name]!r} that {folder} was trained with: resume with "
-                            f"the same {name} (the run's --config, or {flag} {saved[name]}), or start another run in "
-                            "another --log-dir")
+            raise UserError(f"{flag(name)} {value!r} is not the {saved[name]!r} that {folder} was trained with: "
+                            f"resume with the same {name} (the run's --config, or {flag(name)} {saved[name]}), or "
+                            "start another run in another --log-dir")
         changes.append(f"{name} {saved[name]!r} -> {value!r}")
     return changes
 
