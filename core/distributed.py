@@ -11,6 +11,13 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+# Imported before any process group exists, on purpose: its functions take `group=group.WORLD` as a
+# default argument, evaluated at import. Imported later (torch._dynamo imports it, and loading a model
+# may import torch._dynamo), those defaults hold the live group, destroy_process_group() then frees
+# nothing, and gloo's worker threads die in interpreter shutdown: now and then a SIGABRT at exit,
+# "terminate called without an active exception".
+import torch.distributed.nn
+
 from core.devices import resolve_device
 from core.errors import UserError
 
