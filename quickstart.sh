@@ -17,11 +17,6 @@ DATA_DIR=data/shakespeare
 
 say() { printf '\n== %s\n' "$*"; }
 
-# glibc's malloc hands every freed block over 32 MB back to the system and maps a fresh one at the next
-# request, a page fault per 4 KB: with these, a CPU training step keeps and reuses its memory (1.5x
-# faster steps on the README's Intel Xeon; other C libraries ignore them). See "Training on a CPU".
-export MALLOC_MMAP_MAX_="${MALLOC_MMAP_MAX_:-0}" MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-100000000000}"
-
 if [ -n "${QUICKSTART_PYTHON:-}" ]; then
   py=$QUICKSTART_PYTHON
 else

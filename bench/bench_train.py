@@ -6,6 +6,7 @@
 One training step is what train_gpt2.py does per micro-batch and optimizer step: forward with the
 loss, backward, gradient clipping at 1.0, fused AdamW. bf16 means autocast over float32 weights, as
 in training. Both models hold the same weights and see the same batches; HF runs with sdpa attention.
+Both run with glibc's malloc keeping freed memory, as the trainers set it on a CPU.
 MFU is against the matmul peak of the same dtype, measured here in the same run (core/mfu.py).
 Configs: GPT-2 124M at T=1024, and a small one (4 layers, 256 wide, T=256, B=8). Last, per config, what
 train_gpt2.py itself reaches with its defaults on the same shape (its metrics' tokens_per_second).
@@ -28,6 +29,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
 from core.cli import StageParser
+from core.devices import keep_freed_memory
 from core.hf import config_to_hf, state_dict_to_hf
 from core.mfu import flops_per_token, measured_peak
 from core.optim import make_optimizer
@@ -132,6 +134,8 @@ def main() -> None:
                              "(default: 60)")
     args = parser.parse_args()
     print(describe_hardware())
+    if keep_freed_memory(torch.device("cpu")):  # as the trainers do, for both models
+        print("glibc malloc keeps freed memory, as in train_gpt2.py (core.devices.keep_freed_memory)")
     peaks = {name: measured_peak(torch.device("cpu"), DTYPES[name], seconds=2.0) for name in args.dtypes.split(",")}
     print("matmul peak measured here: " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
     for config_name in args.configs.split(","):

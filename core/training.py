@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from core.checkpoint import save_checkpoint
 from core.config import FinetuneConfig, TrainConfig, to_toml
-from core.devices import dtype_name, enable_tf32, resolve_dtype, settle_cpu_threads
+from core.devices import dtype_name, enable_tf32, keep_freed_memory, resolve_dtype, settle_cpu_threads
 from core.distributed import Distributed
 from core.errors import UserError
 from core.optim import Optimizer, set_learning_rate
@@ -100,6 +100,7 @@ class TrainingRun:
             log.print("torch.compile is not supported on Windows: running eagerly")
             self.compile = False
         enable_tf32(self.device)
+        keep_freed_memory(self.device)  # before the model and its first step allocate
         settle_cpu_threads(self.device)
         self.stop: StopSignal | None = None
         self.saved_at = time.monotonic()

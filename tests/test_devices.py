@@ -121,3 +121,44 @@ def test_gpu_check_explains_itself_without_a_gpu() -> None:
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "gpu_check.py needs a CUDA GPU, and this machine has none (torch.cuda.is_available() is False)"]
+
+
+# A process frees a 64 MB tensor and prints by how many bytes its resident memory shrank.
+FREE_A_LARGE_TENSOR = """
+import sys
+import torch
+from core.devices import keep_freed_memory
+
+kept = keep_freed_memory(torch.device(sys.argv[1]))
+def resident() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+tensor = torch.ones(64 << 20, dtype=torch.uint8)
+before = resident()
+del tensor
+print(kept, before - resident())
+"""
+
+
+def _shrinks_by(device: str, **environment: str) -> tuple[bool, int]:
+    env = {name: value for name, value in os.environ.items() if name not in devices.MALLOC_VARIABLES}
+    result = subprocess.run([sys.executable, "-c", FREE_A_LARGE_TENSOR, device], capture_output=True, text=True,
+                            timeout=HANG_GUARD_SECONDS, cwd=Path(__file__).resolve().parents[1],
+                            env={**env, **environment})
+    assert result.returncode == 0, result.stderr
+    kept, shrunk = result.stdout.split()
+    return kept == "True", int(shrunk)
+
+
+@pytest.mark.skipif(not (Path("/proc/self/statm").is_file() and os.confstr("CS_GNU_LIBC_VERSION")),
+                    reason="glibc's malloc on Linux")
+def test_training_on_the_cpu_keeps_freed_memory_unless_the_caller_says_otherwise() -> None:
+    """Without keep_freed_memory glibc returns a freed 64 MB block to the system at once (the next
+    step's tensor then page-faults in afresh); with it, the block stays for reuse. A MALLOC_* variable
+    of the caller's wins, and nothing changes off the CPU."""
+    mb = 1 << 20
+    kept, shrunk = _shrinks_by("meta")  # not the CPU: glibc's defaults stand
+    assert not kept and shrunk > 48 * mb
+    kept, shrunk = _shrinks_by("cpu")
+    assert kept and shrunk < 16 * mb
+    kept, shrunk = _shrinks_by("cpu", MALLOC_TRIM_THRESHOLD_="0")
+    assert not kept and shrunk > 48 * mb
