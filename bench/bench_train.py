@@ -10,13 +10,18 @@ Both run with glibc's malloc keeping freed memory, as the trainers set it on a C
 MFU is against the matmul peak of the same dtype, measured here in the same run (core/mfu.py).
 Configs: GPT-2 124M at T=1024, and a small one (4 layers, 256 wide, T=256, B=8). Last, per config, what
 train_gpt2.py itself reaches with its defaults on the same shape (its metrics' tokens_per_second).
+Each of these runs in a process of its own: in one process, a run's speed depended on what ran before
+it (our 124M bf16 eager step lost 25% after the small config's runs).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -122,6 +127,29 @@ def fast_enough(dtype_name: str, peak: float, shape: dict, batch: int, seq_len: 
     return False
 
 
+def run_one(config_name: str, impl: str, dtype_name: str, mode: str, steps: int, warmup: int) -> dict:
+    """One row, in this process: `impl` ours, HF, or train_gpt2 (its defaults, dtype and mode its own)."""
+    keep_freed_memory(torch.device("cpu"))  # as the trainers do, for both models
+    shape, batch, seq_len = CONFIGS[config_name]
+    if impl == "train_gpt2":
+        return {"tokens_per_second": train_gpt2_tokens_per_second(shape, batch, seq_len, steps)}
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 50257, (batch, seq_len + 1), generator=generator) for _ in range(warmup + steps)]
+    ours, reference = make_models(shape)
+    model = ours if impl == "ours" else reference
+    step = train_step(model, impl == "HF", DTYPES[dtype_name], compiled=mode == "compiled")
+    warmup_seconds, seconds = measure(step, batches, warmup)
+    return {"tokens_per_second": batch * seq_len / seconds, "warmup_seconds": warmup_seconds}
+
+
+def run_apart(*row: object) -> dict:
+    """`run_one(*row)` in a fresh Python process: what ran before cannot change its speed."""
+    result = subprocess.run([sys.executable, __file__, "--run-one", json.dumps(row)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"bench_train.py: the run {row} failed:\n{result.stderr}")
+    return json.loads(result.stdout.splitlines()[-1])
+
+
 def main() -> None:
     parser = StageParser(__doc__)
     parser.add_argument("--configs", default="small,124m")
@@ -132,10 +160,14 @@ def main() -> None:
     parser.add_argument("--max-step-seconds", type=float, default=60.0,
                         help="skip a dtype whose step would take longer than this at its measured matmul peak "
                              "(default: 60)")
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)  # a row's child process: its JSON arguments
     args = parser.parse_args()
+    if args.run_one:
+        print(json.dumps(run_one(*json.loads(args.run_one))))
+        return
     print(describe_hardware())
-    if keep_freed_memory(torch.device("cpu")):  # as the trainers do, for both models
-        print("glibc malloc keeps freed memory, as in train_gpt2.py (core.devices.keep_freed_memory)")
+    print("each row in a process of its own, glibc malloc keeping freed memory as in train_gpt2.py "
+          "(core.devices.keep_freed_memory)")
     peaks = {name: measured_peak(torch.device("cpu"), DTYPES[name], seconds=2.0) for name in args.dtypes.split(",")}
     print("matmul peak measured here: " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
     for config_name in args.configs.split(","):
@@ -143,28 +175,23 @@ def main() -> None:
         print(f"\n{config_name}: {shape}, batch {batch} x {seq_len}; median of {args.steps} steps after {args.warmup}")
         dtypes = [name for name, peak in peaks.items()
                   if fast_enough(name, peak, shape, batch, seq_len, args.max_step_seconds)]
-        generator = torch.Generator().manual_seed(0)
-        batches = [torch.randint(0, 50257, (batch, seq_len + 1), generator=generator)
-                   for _ in range(args.warmup + args.steps)]
-        tokens_per_step = batch * seq_len
+        with torch.device("meta"):
+            step_flops_per_token = flops_per_token(GPT(GPTConfig(**shape, vocab_multiple=64)), seq_len)
         best: dict[str, tuple[float, str]] = {}
         for dtype_name in dtypes:
             for mode in args.modes.split(","):
                 for impl in ("ours", "HF"):
-                    ours, reference = make_models(shape)
-                    model = ours if impl == "ours" else reference
-                    step = train_step(model, impl == "HF", DTYPES[dtype_name], compiled=mode == "compiled")
-                    warmup_seconds, seconds = measure(step, batches, args.warmup)
-                    tps = tokens_per_step / seconds
-                    mfu = flops_per_token(ours, seq_len) * tps / peaks[dtype_name]
+                    row = run_apart(config_name, impl, dtype_name, mode, args.steps, args.warmup)
+                    tps = row["tokens_per_second"]
+                    mfu = step_flops_per_token * tps / peaks[dtype_name]
                     label = f"{dtype_name} {mode}"
                     print(f"  {impl:4} {label:18} {tps:9.1f} tokens/s  MFU {100 * mfu:5.1f}%  "
-                          f"(warm-up incl. compile {warmup_seconds:6.1f} s)", flush=True)
+                          f"(warm-up incl. compile {row['warmup_seconds']:6.1f} s)", flush=True)
                     if tps > best.get(impl, (0.0, ""))[0]:
                         best[impl] = (tps, label)
         if not best:
             continue
-        own = train_gpt2_tokens_per_second(shape, batch, seq_len, args.steps)
+        own = run_apart(config_name, "train_gpt2", "", "", args.steps, args.warmup)["tokens_per_second"]
         print(f"  train_gpt2.py with its defaults: {own:9.1f} tokens/s, {own / best['ours'][0]:.2f} of best ours "
               f"(goal: within 10%)")
         goal = 1.5 if config_name == "small" else 1.2
