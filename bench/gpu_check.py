@@ -161,7 +161,8 @@ def check_hellaswag(folder: Path) -> str:
 
 
 def check_loss_memory() -> str:
-    """The memory-bounded loss equals F.cross_entropy over float32 logits, and peaks lower."""
+    """The memory-bounded loss equals F.cross_entropy over float32 logits, and peaks lower; so does it
+    under torch.compile, where each chunk runs through one compiled function (core/cross_entropy.py)."""
     import torch
     import torch.nn.functional as F
 
@@ -171,9 +172,14 @@ def check_loss_memory() -> str:
     hidden = torch.randn(16 * 1024, 768, device="cuda", requires_grad=True)
     weight = (0.02 * torch.randn(50304, 768, device="cuda")).requires_grad_()
     targets = torch.randint(0, 50257, (16 * 1024,), device="cuda")
+    compiled = torch.compile(linear_cross_entropy)
     results = {}
     for name, loss_function in (("plain", lambda: F.cross_entropy(F.linear(hidden, weight).float(), targets)),
-                                ("bounded", lambda: linear_cross_entropy(hidden, weight, targets))):
+                                ("bounded", lambda: linear_cross_entropy(hidden, weight, targets)),
+                                ("compiled", lambda: compiled(hidden, weight, targets))):
+        if name == "compiled":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                torch.autograd.grad(loss_function(), (hidden, weight))  # compiles, outside the measurement
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -182,16 +188,19 @@ def check_loss_memory() -> str:
         grads = torch.autograd.grad(loss, (hidden, weight))
         torch.cuda.synchronize()
         results[name] = (loss.detach(), grads, (torch.cuda.max_memory_allocated() - base) / 2**30)
-    (plain, plain_grads, plain_gib), (bounded, bounded_grads, bounded_gib) = results["plain"], results["bounded"]
-    if not torch.allclose(plain, bounded, rtol=1e-3, atol=1e-3):
-        raise CheckError(f"the losses differ: plain {plain.item():.5f}, bounded {bounded.item():.5f}")
-    for a, b, name in zip(plain_grads, bounded_grads, ("hidden", "weight"), strict=True):
-        relative = ((a.float() - b.float()).norm() / a.float().norm()).item()
-        if not relative < 2e-2:  # bf16 products, rounded in other places
-            raise CheckError(f"the {name} gradients differ: |plain - bounded| / |plain| = {relative:.2e}")
-    if not bounded_gib < plain_gib:
-        raise CheckError(f"the bounded loss peaked at {bounded_gib:.2f} GiB, the plain one at {plain_gib:.2f} GiB")
-    return f"equal; peak {bounded_gib:.2f} GiB against the plain loss's {plain_gib:.2f} GiB (16k positions)"
+    plain, plain_grads, plain_gib = results["plain"]
+    for name in ("bounded", "compiled"):
+        loss, grads, gib = results[name]
+        if not torch.allclose(plain, loss, rtol=1e-3, atol=1e-3):
+            raise CheckError(f"the losses differ: plain {plain.item():.5f}, {name} {loss.item():.5f}")
+        for a, b, tensor in zip(plain_grads, grads, ("hidden", "weight"), strict=True):
+            relative = ((a.float() - b.float()).norm() / a.float().norm()).item()
+            if not relative < 2e-2:  # bf16 products, rounded in other places
+                raise CheckError(f"the {tensor} gradients differ: |plain - {name}| / |plain| = {relative:.2e}")
+        if not gib < plain_gib:
+            raise CheckError(f"the {name} loss peaked at {gib:.2f} GiB, the plain one at {plain_gib:.2f} GiB")
+    return (f"equal; peak {results['bounded'][2]:.2f} GiB eager, {results['compiled'][2]:.2f} GiB compiled, against "
+            f"the plain loss's {plain_gib:.2f} GiB (16k positions)")
 
 
 def main() -> None:
