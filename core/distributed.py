@@ -15,8 +15,10 @@ import torch.distributed as dist
 # default argument, evaluated at import. Imported later (torch._dynamo imports it, and loading a model
 # may import torch._dynamo), those defaults hold the live group, destroy_process_group() then frees
 # nothing, and gloo's worker threads die in interpreter shutdown: now and then a SIGABRT at exit,
-# "terminate called without an active exception".
-import torch.distributed.nn
+# "terminate called without an active exception". (torch.distributed.optim's ZeroRedundancyOptimizer
+# and FSDP's ShardedGradScaler have such defaults too: import them before the group, if ever used.)
+if dist.is_available():
+    import torch.distributed.nn
 
 from core.devices import resolve_device
 from core.errors import UserError

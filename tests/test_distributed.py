@@ -13,21 +13,31 @@ from tests.stages import HANG_GUARD_SECONDS
 ROOT = Path(__file__).resolve().parents[1]
 
 # Each rank joins the group, imports torch._dynamo (as loading a model or compiling does) and gathers
-# once, then leaves; it prints the native threads still running. gloo's are named gloo_tcp_loop and
-# pt_gloo_runloop.
+# once, then leaves; it writes the native threads running inside the run and after it to a file of its
+# own (the ranks' prints can interleave within a line). gloo's are named gloo_tcp_loop and pt_gloo_runloop.
 RANK_SCRIPT = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
 import torch.distributed as dist
 from core.distributed import distributed_run
 
+def thread_names() -> str:
+    tasks, names = f"/proc/{os.getpid()}/task", []
+    for task in os.listdir(tasks):
+        try:
+            names.append(open(f"{tasks}/{task}/comm").read().strip())
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return ",".join(sorted(names))
+
 with distributed_run("cpu"):
     import torch._dynamo  # noqa: F401
     gathered = [None, None]
     dist.all_gather_object(gathered, os.environ["RANK"])
-tasks = f"/proc/{os.getpid()}/task"
-names = [open(f"{tasks}/{task}/comm").read().strip() for task in os.listdir(tasks)]
-print("threads after close:", ",".join(sorted(names)))
+    during = thread_names()
+after = thread_names()
+with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.txt"), "w") as report:
+    report.write(f"{during}\\n{after}\\n")
 """
 
 
@@ -39,9 +49,10 @@ def test_closing_the_run_ends_gloos_threads(tmp_path: Path) -> None:
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(ROOT)], capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
+                             str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True,
+                            timeout=HANG_GUARD_SECONDS)
     assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.startswith("threads after close:")]
-    assert len(lines) == 2, result.stdout
-    for line in lines:
-        assert "gloo" not in line, line
+    for rank in (0, 1):
+        during, after = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        assert "gloo" in during, during  # the names this test looks for are gloo's
+        assert "gloo" not in after, after
