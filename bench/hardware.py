@@ -12,7 +12,7 @@ from core.devices import MALLOC_VARIABLES, cpu_name
 
 def describe_hardware() -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    malloc = [f"{name}={os.environ[name]}" for name in MALLOC_VARIABLES
+    malloc = [f"{name}={os.environ[name]}" for name in (*MALLOC_VARIABLES, "GLIBC_TUNABLES")
               if name in os.environ]  # the caller's glibc malloc settings: they change step times
     return (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
             f"{device}, Python {platform.python_version()}" + (f", {' '.join(malloc)}" if malloc else ""))

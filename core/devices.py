@@ -94,8 +94,8 @@ def settle_cpu_threads(device: torch.device) -> None:
         torch.ones(1 << 20).exp_()
 
 
-# glibc's environment variables for what `keep_freed_memory` sets: a caller who sets either keeps them.
-MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+# glibc's own ways of setting malloc up: a caller who uses any of them is left to them.
+MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameters, from glibc's <malloc.h>
 
 
@@ -106,9 +106,11 @@ def keep_freed_memory(device: torch.device) -> bool:
     copies of the weights, the gradients) paid a page fault per 4 KB, every step: 1.5x slower steps on
     the README's Xeon. The process then holds its peak memory, which it needs again every step anyway.
     Called before the model is built: a block mapped before the call is still returned when freed.
-    Nothing changes where the caller set MALLOC_MMAP_MAX_ or MALLOC_TRIM_THRESHOLD_ (glibc reads them)."""
+    Nothing changes where the caller set malloc up through glibc's variables (MALLOC_VARIABLES) or
+    its tunables (GLIBC_TUNABLES=glibc.malloc....), which this call would otherwise override."""
     if (device.type != "cpu" or platform.libc_ver()[0] != "glibc"
-            or any(name in os.environ for name in MALLOC_VARIABLES)):
+            or any(name in os.environ for name in MALLOC_VARIABLES)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
     # No block gets a mapping of its own, and the heap's free top is never trimmed (glibc stores the

@@ -1,6 +1,6 @@
-"""What every trainer shares: the run's set-up (device, dtype, TF32, compile then DDP, config.toml,
-stopping on SIGTERM and SIGINT), resumable checkpoints, and the one optimizer step that
-train_gpt2.py and finetune_mc.py both take.
+"""What every trainer shares: the run's set-up (device, dtype, TF32, malloc keeping freed memory on a
+CPU, compile then DDP, config.toml, stopping on SIGTERM and SIGINT), resumable checkpoints, and the
+one optimizer step that train_gpt2.py and finetune_mc.py both take.
 
 An optimizer step, as build-nanogpt takes it: set the lr; for each micro-batch, forward and backward
 under `no_sync` but on the last (DDP decides in the forward pass whether the backward all-reduces,
@@ -85,8 +85,9 @@ class StepResult:
 
 class TrainingRun:
     """The machine side of a training run, the same for every trainer: the device and dtype, TF32 on
-    CUDA, the training module (compiled, then DDP-wrapped), autocast, the resolved settings written
-    to LOG_DIR/config.toml, and SIGTERM / SIGINT turned into a request to stop at a step boundary."""
+    CUDA, glibc's malloc keeping freed memory on a CPU (core.devices.keep_freed_memory), the training
+    module (compiled, then DDP-wrapped), autocast, the resolved settings written to LOG_DIR/config.toml,
+    and SIGTERM / SIGINT turned into a request to stop at a step boundary."""
 
     def __init__(self, settings: TrainConfig | FinetuneConfig, distributed: Distributed, log: RunLog) -> None:
         self.distributed, self.log = distributed, log
