@@ -41,10 +41,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     vocab_size = weight.size(0) if vocab_size is None else vocab_size
     if torch.compiler.is_compiling():
-        # Traced whole, the loop would be unrolled: a graph per chunk, whose compile time and memory grow
-        # with the batch (at 25 chunks on a CPU: 50 s more compiling, 1.5 GB more memory). So a compiled
-        # model runs the loop eagerly and each chunk through one compiled function. Disabled here rather
-        # than with a decorator, which would import torch._dynamo (3 s) into every script that never compiles.
+        # Traced whole, the loop would be unrolled into one graph holding every chunk, whose compile
+        # time and memory grow with the batch (at 25 chunks on a CPU: 50 s more compiling, 1.5 GB more).
+        # So a compiled model runs the loop eagerly and each chunk through one compiled function.
+        # Disabled here rather than with a decorator, which would import torch._dynamo (3 s) into
+        # every script that never compiles.
         return torch.compiler.disable(ChunkedLinearCrossEntropy.apply)(hidden, weight, targets, vocab_size, True)
     return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, vocab_size, False)
 

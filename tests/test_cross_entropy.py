@@ -86,30 +86,41 @@ def test_bfloat16_autocast_follows_the_plain_loss_under_autocast(monkeypatch: py
         torch.testing.assert_close(a, e, rtol=2e-2, atol=2e-3)  # bf16 products rounded in other places
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_under_torch_compile_each_chunk_runs_compiled_with_the_same_loss_and_gradients(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """A compiled caller runs the chunk loop eagerly and every chunk, the ragged last one too, through
-    the compiled chunk function: the plain loss's value and gradients, padded ids included."""
+    the compiled chunk function: the plain loss's value and gradients, padded ids included, in float32
+    and under bfloat16 autocast; and the loss alone without gradients."""
     chunk_rows(monkeypatch, 10)
     hidden, weight, targets = operands()
     targets = targets.clamp(max=49)  # ids 50.. are padding
-    cross_entropy._compiled_chunk_loss.cache_clear()  # compiled afresh, from the chunk function below
     traced = []
     chunk_loss = cross_entropy._chunk_loss
 
     def watched_chunk_loss(*args: object) -> tuple:
-        traced.append(torch.compiler.is_compiling())  # True only while torch.compile traces it
+        traced.append(torch.compiler.is_compiling())  # False wherever a chunk runs eagerly
         return chunk_loss(*args)
 
     monkeypatch.setattr(cross_entropy, "_chunk_loss", watched_chunk_loss)
-    compiled = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, vocab_size=50))
-    actual = loss_and_grads(compiled, hidden, weight, targets, scale=0.25)
-    expected = loss_and_grads(lambda h, w, t: plain(h, w[:50], t), hidden, weight, targets, scale=0.25)
+    cross_entropy._compiled_chunk_loss.cache_clear()  # compiled afresh, from the watched function
+    torch._dynamo.reset()  # each dtype's run its own compilations: dynamo allows 8 per function
+    try:
+        compiled = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, vocab_size=50))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            actual = loss_and_grads(compiled, hidden, weight, targets, scale=0.25)
+            expected = loss_and_grads(lambda h, w, t: F.cross_entropy(F.linear(h, w[:50]).float(), t, ignore_index=-1),
+                                      hidden, weight, targets, scale=0.25)
+            with torch.no_grad():
+                loss_alone = compiled(hidden, weight, targets)
+    finally:
+        cross_entropy._compiled_chunk_loss.cache_clear()  # later callers compile the real one
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     for a, e in zip(actual, expected, strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, e, **tolerance)
+    torch.testing.assert_close(loss_alone, expected[0], **tolerance)
     assert torch.count_nonzero(actual[2][50:]) == 0
     assert traced and all(traced)  # every chunk went through the compiled function
-    cross_entropy._compiled_chunk_loss.cache_clear()  # later callers compile the real one
 
 
 def test_model_loss_and_gradients_match_hf(monkeypatch: pytest.MonkeyPatch) -> None:
