@@ -47,9 +47,18 @@ CONFIGS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def our_config(shape: dict) -> GPTConfig:
+    return GPTConfig(**shape, vocab_multiple=64)  # the padded head, as train_gpt2.py makes it
+
+
+def model_flops_per_token(shape: dict, seq_len: int) -> float:
+    with torch.device("meta"):  # the shape alone
+        return flops_per_token(GPT(our_config(shape)), seq_len)
+
+
 def make_models(shape: dict) -> tuple[GPT, GPT2LMHeadModel]:
     torch.manual_seed(0)
-    ours = GPT(GPTConfig(**shape, vocab_multiple=64))
+    ours = GPT(our_config(shape))
     hf_config = GPT2Config(**config_to_hf(ours.config), attn_implementation="sdpa")
     for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
         setattr(hf_config, name, 0.0)
@@ -118,8 +127,7 @@ def fast_enough(dtype_name: str, peak: float, shape: dict, batch: int, seq_len: 
     """Whether a training step in this dtype could finish within `max_seconds`, judged at the dtype's
     measured matmul peak: a lower bound on the step's time. It rules out, say, bfloat16 on a CPU without
     bfloat16 units, whose matmuls run at ~1% of float32's rate; it says so when it does."""
-    with torch.device("meta"):  # the shape alone, for its FLOPs
-        step_flops = flops_per_token(GPT(GPTConfig(**shape, vocab_multiple=64)), seq_len) * batch * seq_len
+    step_flops = model_flops_per_token(shape, seq_len) * batch * seq_len
     if step_flops / peak <= max_seconds:
         return True
     print(f"  {dtype_name} skipped: at its matmul peak here ({peak / 1e9:.1f} GFLOP/s) a training step would take "
@@ -145,9 +153,10 @@ def run_one(config_name: str, impl: str, dtype_name: str, mode: str, steps: int,
 def run_apart(*row: object) -> dict:
     """`run_one(*row)` in a fresh Python process: what ran before cannot change its speed."""
     result = subprocess.run([sys.executable, __file__, "--run-one", json.dumps(row)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"bench_train.py: the run {row} failed:\n{result.stderr}")
-    return json.loads(result.stdout.splitlines()[-1])
+    lines = result.stdout.splitlines()
+    if result.returncode != 0 or not lines:
+        raise SystemExit(f"bench_train.py: the run {row} failed (exit {result.returncode}):\n{result.stderr}")
+    return json.loads(lines[-1])
 
 
 def main() -> None:
@@ -166,8 +175,9 @@ def main() -> None:
         print(json.dumps(run_one(*json.loads(args.run_one))))
         return
     print(describe_hardware())
-    print("each row in a process of its own, glibc malloc keeping freed memory as in train_gpt2.py "
-          "(core.devices.keep_freed_memory)")
+    keeps = keep_freed_memory(torch.device("cpu"))  # what each row's process does, as the trainers do
+    print("each row in a process of its own; glibc malloc " + ("keeps freed memory, as in train_gpt2.py" if keeps
+          else "as the caller set it up, or not glibc's") + " (core.devices.keep_freed_memory)")
     peaks = {name: measured_peak(torch.device("cpu"), DTYPES[name], seconds=2.0) for name in args.dtypes.split(",")}
     print("matmul peak measured here: " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
     for config_name in args.configs.split(","):
@@ -175,8 +185,7 @@ def main() -> None:
         print(f"\n{config_name}: {shape}, batch {batch} x {seq_len}; median of {args.steps} steps after {args.warmup}")
         dtypes = [name for name, peak in peaks.items()
                   if fast_enough(name, peak, shape, batch, seq_len, args.max_step_seconds)]
-        with torch.device("meta"):
-            step_flops_per_token = flops_per_token(GPT(GPTConfig(**shape, vocab_multiple=64)), seq_len)
+        step_flops_per_token = model_flops_per_token(shape, seq_len)
         best: dict[str, tuple[float, str]] = {}
         for dtype_name in dtypes:
             for mode in args.modes.split(","):
