@@ -7,12 +7,11 @@ import platform
 
 import torch
 
-from core.devices import MALLOC_VARIABLES, cpu_name
+from core.devices import caller_malloc_settings, cpu_name
 
 
 def describe_hardware() -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    malloc = [f"{name}={os.environ[name]}" for name in (*MALLOC_VARIABLES, "GLIBC_TUNABLES")
-              if name in os.environ]  # the caller's glibc malloc settings: they change step times
+    malloc = [f"{name}={value}" for name, value in caller_malloc_settings().items()]  # they change step times
     return (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
             f"{device}, Python {platform.python_version()}" + (f", {' '.join(malloc)}" if malloc else ""))

@@ -99,6 +99,14 @@ MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_T
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameters, from glibc's <malloc.h>
 
 
+def caller_malloc_settings() -> dict[str, str]:
+    """The environment's settings of glibc's malloc: its variables, and GLIBC_TUNABLES if it tunes malloc."""
+    settings = {name: os.environ[name] for name in MALLOC_VARIABLES if name in os.environ}
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        settings["GLIBC_TUNABLES"] = os.environ["GLIBC_TUNABLES"]
+    return settings
+
+
 def keep_freed_memory(device: torch.device) -> bool:
     """On the CPU under glibc, tell malloc to keep the memory a process frees for its next requests;
     whether it did. glibc hands every freed block over 32 MB back to the system and maps a fresh one at
@@ -106,11 +114,9 @@ def keep_freed_memory(device: torch.device) -> bool:
     copies of the weights, the gradients) paid a page fault per 4 KB, every step: 1.5x slower steps on
     the README's Xeon. The process then holds its peak memory, which it needs again every step anyway.
     Called before the model is built: a block mapped before the call is still returned when freed.
-    Nothing changes where the caller set malloc up through glibc's variables (MALLOC_VARIABLES) or
-    its tunables (GLIBC_TUNABLES=glibc.malloc....), which this call would otherwise override."""
-    if (device.type != "cpu" or platform.libc_ver()[0] != "glibc"
-            or any(name in os.environ for name in MALLOC_VARIABLES)
-            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
+    Nothing changes where the caller set malloc up (`caller_malloc_settings`), which this call would
+    otherwise override."""
+    if device.type != "cpu" or platform.libc_ver()[0] != "glibc" or caller_malloc_settings():
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
     # No block gets a mapping of its own, and the heap's free top is never trimmed (glibc stores the
