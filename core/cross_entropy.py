@@ -3,32 +3,38 @@
 The output layer of a small GPT makes its largest activation: 2048 positions x 50,257 logits is
 412 MB in float32, and the plain loss writes it, its log-softmax, and both their gradients, four
 passes over memory the CPU's caches never hold (and each fresh allocation of that size costs page
-faults on top). Computing the loss chunk by chunk, with each chunk's
-gradient taken while its logits are still in cache, keeps a few MB live instead (the idea of
-Liger-Kernel's FusedLinearCrossEntropy, and of Wijmans et al. 2024, "Cut Your Losses").
+faults on top). Computing the loss chunk by chunk, with each chunk's gradient taken in the forward
+pass, keeps a few hundred MB live instead (the idea of Liger-Kernel's FusedLinearCrossEntropy, and of
+Wijmans et al. 2024, "Cut Your Losses").
+
+A chunk makes two passes over its (rows, vocab) matrix besides the three products: one softmax, in
+the products' dtype, and one sum. The gradient of the logits is softmax - one_hot(target); the
+softmax is left as written, with the target's entry zeroed, and the target's term is added to the
+products' results instead, in float32, where it is a row of the (rows, C) side. So no pass converts
+the matrix to float32 and back, scales it, or subtracts from it, and 1 - p(target) is summed from the
+other probabilities, exact where p(target) is near 1, rather than rounded from it.
 
 Every device uses the chunked form. On a GPU the plain form's float32 logits are what runs out of
 memory first: 64 x 1024 positions of GPT-2's head are 12.3 GiB, and its log-softmax as much again.
-Under torch.compile the chunked loop runs eagerly, between the compiled parts of the model, and each
-chunk through one compiled function (`_compiled_chunk_loss`), whose elementwise passes fuse.
+Under torch.compile the loop runs eagerly, between the compiled parts of the model.
 
-A pure function of its inputs, like the model that calls it: no files, no timing; its one state is that
-compiled function, made at the first use under torch.compile.
+A pure function of its inputs, like the model that calls it: no files, no timing, no state.
 """
 
 from __future__ import annotations
-
-import functools
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -1  # targets equal to this contribute nothing (padding, the ends of packed rows)
-# The float32 logits of one chunk take at most this much memory, so the loss's memory is bounded
-# for any batch. Within it, chunks are as large as they can be: a chunk's three GEMMs run faster
-# with more rows.
+# A chunk's logits and probabilities take at most this much memory together, so the loss's memory is
+# bounded for any batch. Within it, chunks are as large as they can be: a chunk's three GEMMs run
+# faster with more rows.
 CHUNK_BYTES = 256 * 2**20
+# Below this, p(target) nears the end of float32's normal range (2**-126), where its log loses
+# precision or is -inf; such rows (a loss above 69) get their loss from the float32 log-sum-exp of
+# their logits instead.
+SMALLEST_EXACT_PROBABILITY = 2.0**-100
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -37,17 +43,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
     hidden (N, C), weight (V, C), targets (N,). With `vocab_size` < V, the rows of `weight` past it
     (a padded vocabulary) take part in the products but not in the softmax: their logits are -inf.
-    The same value as F.cross_entropy over float32 logits.
+    The same value as F.cross_entropy over float32 logits; under autocast the softmax is rounded to
+    its dtype, as the logits are.
     """
     vocab_size = weight.size(0) if vocab_size is None else vocab_size
     if torch.compiler.is_compiling():
-        # Traced whole, the loop would be unrolled into one graph holding every chunk, whose compile
-        # time and memory grow with the batch (at 25 chunks on a CPU: 50 s more compiling, 1.5 GB more).
-        # So a compiled model runs the loop eagerly and each chunk through one compiled function.
-        # Disabled here rather than with a decorator, which would import torch._dynamo (3 s) into
-        # every script that never compiles.
-        return torch.compiler.disable(ChunkedLinearCrossEntropy.apply)(hidden, weight, targets, vocab_size, True)
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, vocab_size, False)
+        # Traced, the loop would be unrolled into one graph holding every chunk, whose compile time and
+        # memory grow with the batch (at 25 chunks on a CPU: 50 s more compiling, 1.5 GB more); and
+        # inductor's softmax was slower than ATen's on a CPU. Disabled here rather than with a
+        # decorator, which would import torch._dynamo (3 s) into every script that never compiles.
+        return torch.compiler.disable(ChunkedLinearCrossEntropy.apply)(hidden, weight, targets, vocab_size)
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, vocab_size)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -56,88 +62,98 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
-                targets: torch.Tensor, vocab_size: int, compiled: bool) -> torch.Tensor:
-        # Under autocast the products run in its dtype, as F.linear's would; the softmax always
-        # runs in float32 (a log-sum-exp over 50k logits needs it), and so does the weight gradient's sum.
+                targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        # Under autocast the products and the softmax run in its dtype, as F.linear's would; the loss,
+        # the target's terms and the weight gradient's sum run in float32.
         device = hidden.device.type
         if not torch.amp.is_autocast_available(device):  # the meta device, say
-            return _forward(ctx, hidden, weight, targets, vocab_size, hidden.dtype, compiled)
+            return _forward(ctx, hidden, weight, targets, vocab_size, hidden.dtype)
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         with torch.autocast(device, enabled=False):
-            return _forward(ctx, hidden, weight, targets, vocab_size, dtype, compiled)
+            return _forward(ctx, hidden, weight, targets, vocab_size, dtype)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx,
-                 grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+                 grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_weight = grad_weight * grad_loss.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None
 
 
 def _forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
-             targets: torch.Tensor, vocab_size: int, dtype: torch.dtype, compiled: bool) -> torch.Tensor:
+             targets: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
     wants_grad_hidden, wants_grad_weight = ctx.needs_input_grad[:2]
-    wants_grad = wants_grad_hidden or wants_grad_weight
     hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
-    count = (targets != IGNORE_INDEX).sum()
-    grad_hidden = torch.empty_like(hidden) if wants_grad_hidden else None
     device = hidden.device
+    keep = targets != IGNORE_INDEX
+    target = targets.clamp(min=0)  # ignored rows point at token 0, then weigh 0
+    row_weight = (keep.float() / keep.sum()).unsqueeze(1)  # d(mean loss) / d(a row's loss), (N, 1)
+    target_prob = torch.empty(targets.shape, dtype=torch.float32, device=device)
+    others_prob = torch.empty(targets.shape, dtype=torch.float32, device=device)  # 1 - p(target)
+    grad_hidden = torch.empty_like(hidden) if wants_grad_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if wants_grad_weight else None
     # A low-precision product cannot accumulate into float32 in place: it lands here first. Reused,
     # as a fresh (V, C) tensor per chunk would cost its page faults every time.
     partial = (torch.empty(weight.shape, dtype=dtype, device=device) if wants_grad_weight and dtype != torch.float32
                else None)
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    chunk_loss = _compiled_chunk_loss() if compiled else _chunk_loss
-    for rows in _chunks(hidden.size(0), weight.size(0)):
-        h = hidden_c[rows]
-        loss_sum, grad_logits = chunk_loss(h, weight_c, targets[rows], count, vocab_size, wants_grad)
-        total += loss_sum
+    for rows in _chunks(hidden.size(0), weight.size(0), dtype.itemsize):
+        h, t = hidden_c[rows], target[rows]
+        probs, target_prob[rows], others_prob[rows] = _probabilities_without_target(h, weight_c, t, vocab_size)
+        # d(mean loss)/d(logits) = (probs - one_hot(target)) * row weight, and probs already lacks the
+        # target's p: its products take the rest of the target's term, -(1 - p(target)) * row weight.
+        target_term = (others_prob[rows] * row_weight[rows, 0]).unsqueeze(1)  # (r, 1)
         if wants_grad_hidden:
-            grad_hidden[rows] = grad_logits @ weight_c
-        if wants_grad_weight and partial is None:
-            grad_weight.addmm_(grad_logits.T, h)  # (V, C)
-        elif wants_grad_weight:
-            grad_weight += torch.mm(grad_logits.T, h, out=partial)
+            grad = (probs @ weight_c).float().mul_(row_weight[rows]).sub_(target_term * weight_c[t].float())
+            grad_hidden[rows] = grad
+        if wants_grad_weight:
+            weighted_h = h.float() * row_weight[rows]  # (r, C)
+            if partial is None:
+                grad_weight.addmm_(probs.T, weighted_h)
+            else:
+                grad_weight += torch.mm(probs.T, weighted_h.to(dtype), out=partial)
+            grad_weight.index_add_(0, t, weighted_h * -others_prob[rows].unsqueeze(1))
     ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
-    return total / count
+    row_loss = _row_loss(hidden_c, weight_c, target, vocab_size, keep, target_prob, others_prob)
+    return torch.where(keep, row_loss, 0.0).sum() / keep.sum()
 
 
-def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, count: torch.Tensor, vocab_size: int,
-                wants_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk of rows: the sum of their losses, and d(mean loss)/d(logits) in the products' dtype
-    when `wants_grad`. h (r, C), weight (V, C) in that dtype; `count` is the whole batch's."""
-    keep = targets != IGNORE_INDEX
-    target = targets.clamp(min=0).unsqueeze(1)  # ignored rows point at token 0, then count 0
-    logits = F.linear(h, weight).float()  # (r, V)
+def _probabilities_without_target(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                                  vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softmax(h @ weight.T) over the first `vocab_size` ids, in the products' dtype, with each row's
+    target entry set to 0; and, in float32, p(target) and the sum of the rest, 1 - p(target).
+    h (r, C), weight (V, C), target (r,)."""
+    logits = F.linear(h, weight)  # (r, V)
     logits[:, vocab_size:] = float("-inf")  # padded ids: probability 0, so no gradient either
-    target_logit = logits.gather(1, target).squeeze(1)
-    peak = logits.amax(1, keepdim=True)
-    probs = logits.sub_(peak).exp_()  # in place: the chunk's one (r, V) buffer from here on
-    sum_exp = probs.sum(1, keepdim=True)
-    log_sum_exp = (peak + sum_exp.log()).squeeze(1)
-    loss_sum = torch.where(keep, log_sum_exp - target_logit, 0.0).sum()
-    if not wants_grad:
-        return loss_sum, None
-    # d(mean loss)/d(logits) = (softmax - one_hot(target)) / count, zero on ignored rows
-    weight_of_row = keep.float().unsqueeze(1) / count
-    grad_logits = probs.mul_(weight_of_row / sum_exp)
-    grad_logits.scatter_add_(1, target, -weight_of_row)
-    return loss_sum, grad_logits.to(h.dtype)
+    probs = torch.softmax(logits, 1)  # a pass of its own: each row's max, exp and sum stay in cache
+    del logits
+    rows = torch.arange(h.size(0), device=h.device)
+    target_prob = probs[rows, target].float()
+    probs[rows, target] = 0
+    return probs, target_prob, probs.sum(1).float()
 
 
-@functools.cache
-def _compiled_chunk_loss() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
-    """`_chunk_loss` compiled, made at the first use of a compiled model: its passes over the chunk's
-    logits (the float32 copy, max, exp, sum, scale, cast) fuse into a few, where eagerly each reads and
-    writes all of them."""
-    return torch.compile(_chunk_loss)
+def _row_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_size: int,
+              keep: torch.Tensor, target_prob: torch.Tensor, others_prob: torch.Tensor) -> torch.Tensor:
+    """Each row's -log p(target), float32 (N,): from 1 - p(target) where p is near 1 (log1p keeps the
+    small loss exact), from p(target) elsewhere, and where p(target) is too small for that, from the
+    row's logits again, recomputed for those rows alone."""
+    loss = torch.where(others_prob < 0.5, -torch.log1p(-others_prob), -target_prob.log())
+    far = keep & (target_prob < SMALLEST_EXACT_PROBABILITY) & (others_prob >= 0.5)
+    if not far.is_meta and far.any():  # rare (a loss above 69): one device sync per call, not per chunk
+        where = far.nonzero().squeeze(1)
+        for rows in _chunks(where.numel(), weight.size(0), 4):
+            logits = F.linear(hidden[where[rows]], weight).float()
+            logits[:, vocab_size:] = float("-inf")
+            target_logit = logits.gather(1, target[where[rows]].unsqueeze(1)).squeeze(1)
+            loss[where[rows]] = torch.logsumexp(logits, 1) - target_logit
+    return loss
 
 
-def _chunks(rows: int, vocab_size: int) -> list[slice]:
-    """Equal slices of `rows` whose float32 logits fit in CHUNK_BYTES (at least one row each)."""
-    most_rows = max(1, CHUNK_BYTES // (4 * vocab_size))
+def _chunks(rows: int, vocab_size: int, itemsize: int) -> list[slice]:
+    """Equal slices of `rows` whose logits and probabilities (two buffers of `itemsize` bytes an
+    element) fit in CHUNK_BYTES, at least one row each."""
+    most_rows = max(1, CHUNK_BYTES // (2 * itemsize * vocab_size))
     count = -(-rows // most_rows)
     size = -(-rows // count)
     return [slice(start, start + size) for start in range(0, rows, size)]

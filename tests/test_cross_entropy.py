@@ -36,8 +36,8 @@ def plain(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> 
 
 
 def chunk_rows(monkeypatch: pytest.MonkeyPatch, rows: int, vocab_size: int = 53) -> None:
-    """Chunks of at most `rows` rows of `vocab_size` logits."""
-    monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", rows * 4 * vocab_size)
+    """Chunks of at most `rows` rows of `vocab_size` float32 logits (twice as many in bfloat16)."""
+    monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", rows * 2 * 4 * vocab_size)
 
 
 @pytest.mark.parametrize("rows", [1, 8, 10, 37, 128])  # one row, even split, ragged last chunk, one chunk
@@ -58,20 +58,53 @@ def test_loss_without_gradients_is_the_same(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_chunks_cover_every_row_once() -> None:
-    for rows, vocab_size in ((2048, 50257), (1, 50257), (37, 3), (1000, 10**9)):
-        chunks = cross_entropy._chunks(rows, vocab_size)
+    for rows, vocab_size, itemsize in ((2048, 50257, 2), (2048, 50257, 4), (1, 50257, 4), (37, 3, 4), (1000, 10**9, 2)):
+        chunks = cross_entropy._chunks(rows, vocab_size, itemsize)
         covered = [i for chunk in chunks for i in range(rows)[chunk]]
         assert covered == list(range(rows))
-        assert all(4 * vocab_size * (c.stop - c.start) <= max(cross_entropy.CHUNK_BYTES, 4 * vocab_size)
-                   for c in chunks)
+        row_bytes = 2 * itemsize * vocab_size  # the logits and the probabilities
+        assert all(row_bytes * (c.stop - c.start) <= max(cross_entropy.CHUNK_BYTES, row_bytes) for c in chunks)
+        assert len({c.stop - c.start for c in chunks[:-1]}) <= 1
 
 
-def test_large_logits_do_not_overflow() -> None:
+def float64_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+    def loss(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(h @ w.T, t, ignore_index=-1)
+
+    return [x.float() for x in loss_and_grads(loss, hidden.double(), weight.double(), targets)]
+
+
+def test_large_logits_do_not_overflow_and_tiny_probabilities_keep_their_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits in the thousands on every other row: exp() would overflow without the max shift, and their
+    targets' probabilities underflow float32 (losses in the hundreds), which the loss recomputes from the
+    logits of those rows alone, in chunks too."""
+    chunk_rows(monkeypatch, 8)
     hidden, weight, targets = operands()
-    hidden = hidden.detach() * 100  # logits in the thousands: exp() would overflow without the max shift
-    loss = linear_cross_entropy(hidden, weight, targets)
-    assert torch.isfinite(loss)
-    torch.testing.assert_close(loss, plain(hidden, weight, targets))
+    hidden = hidden.detach().clone()
+    hidden[::2] *= 100
+    with torch.no_grad():
+        row_losses = F.cross_entropy((hidden @ weight.T).double(), targets, ignore_index=-1, reduction="none")
+    assert (row_losses > 100).sum() > 8 and (row_losses[1::2] < 30).all()  # far rows, in several chunks
+    actual = loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+    assert torch.isfinite(actual[0])
+    for a, e in zip(actual, float64_loss_and_grads(hidden, weight, targets), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_a_loss_near_zero_keeps_its_precision() -> None:
+    """Where p(target) is near 1, the loss is taken from the other probabilities' sum: -log(p(target))
+    of a float32 p within 1e-4 of 1 would be off by ~1e-3 of itself."""
+    _, weight, targets = operands()
+    targets = targets.clamp(min=0)
+    hidden = weight.detach()[targets]  # each row most like its target's embedding
+    with torch.no_grad():
+        row_losses = F.cross_entropy((hidden @ weight.T).double(), targets, reduction="none")
+    targets[row_losses > 1e-3] = -1  # the rows that are not near-certain
+    expected = float64_loss_and_grads(hidden, weight, targets)
+    assert (targets >= 0).sum() > 15 and 1e-7 < expected[0] < 1e-3
+    actual = loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-9)
 
 
 def test_bfloat16_autocast_follows_the_plain_loss_under_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,40 +120,37 @@ def test_bfloat16_autocast_follows_the_plain_loss_under_autocast(monkeypatch: py
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_under_torch_compile_each_chunk_runs_compiled_with_the_same_loss_and_gradients(
+def test_under_torch_compile_the_chunks_run_eagerly_with_the_same_loss_and_gradients(
         dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A compiled caller runs the chunk loop eagerly and every chunk, the ragged last one too, through
-    the compiled chunk function: the plain loss's value and gradients, padded ids included, in float32
-    and under bfloat16 autocast; and the loss alone without gradients."""
+    """A compiled caller runs the chunk loop eagerly (traced, dynamo would unroll it into one graph of
+    every chunk): the plain loss's value and gradients, padded ids included, in float32 and under
+    bfloat16 autocast; and the loss alone without gradients."""
     chunk_rows(monkeypatch, 10)
     hidden, weight, targets = operands()
     targets = targets.clamp(max=49)  # ids 50.. are padding
     traced = []
-    chunk_loss = cross_entropy._chunk_loss
+    probabilities = cross_entropy._probabilities_without_target
 
-    def watched_chunk_loss(*args: object) -> tuple:
+    def watched_probabilities(*args: object) -> tuple:
         traced.append(torch.compiler.is_compiling())  # False wherever a chunk runs eagerly
-        return chunk_loss(*args)
+        return probabilities(*args)
 
-    monkeypatch.setattr(cross_entropy, "_chunk_loss", watched_chunk_loss)
-    cross_entropy._compiled_chunk_loss.cache_clear()  # compiled afresh, from the watched function
+    monkeypatch.setattr(cross_entropy, "_probabilities_without_target", watched_probabilities)
     torch._dynamo.reset()  # each dtype's run its own compilations: dynamo allows 8 per function
-    try:
-        compiled = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, vocab_size=50))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            actual = loss_and_grads(compiled, hidden, weight, targets, scale=0.25)
-            expected = loss_and_grads(lambda h, w, t: F.cross_entropy(F.linear(h, w[:50]).float(), t, ignore_index=-1),
-                                      hidden, weight, targets, scale=0.25)
-            with torch.no_grad():
-                loss_alone = compiled(hidden, weight, targets)
-    finally:
-        cross_entropy._compiled_chunk_loss.cache_clear()  # later callers compile the real one
+    compiled = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, vocab_size=50))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        actual = loss_and_grads(compiled, hidden, weight, targets, scale=0.25)
+        expected = loss_and_grads(lambda h, w, t: F.cross_entropy(F.linear(h, w[:50]).float(), t, ignore_index=-1),
+                                  hidden, weight, targets, scale=0.25)
+        with torch.no_grad():
+            loss_alone = compiled(hidden, weight, targets)
     tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, **tolerance)
     torch.testing.assert_close(loss_alone, expected[0], **tolerance)
     assert torch.count_nonzero(actual[2][50:]) == 0
-    assert traced and all(traced)  # every chunk went through the compiled function
+    chunks = 4 if dtype == torch.float32 else 2  # of 10 rows, or of 20 in half the bytes an element
+    assert len(traced) == 2 * chunks and not any(traced)  # with gradients and without, none traced
 
 
 def test_model_loss_and_gradients_match_hf(monkeypatch: pytest.MonkeyPatch) -> None:
