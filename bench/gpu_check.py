@@ -162,7 +162,7 @@ def check_hellaswag(folder: Path) -> str:
 
 def check_loss_memory() -> str:
     """The memory-bounded loss equals F.cross_entropy over float32 logits, and peaks lower; so does it
-    called from torch.compile, which runs its chunk loop eagerly (core/cross_entropy.py)."""
+    when called from torch.compile, which runs its chunk loop eagerly (core/cross_entropy.py)."""
     import torch
     import torch.nn.functional as F
 

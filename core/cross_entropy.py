@@ -8,11 +8,11 @@ pass, keeps a few hundred MB live instead (the idea of Liger-Kernel's FusedLinea
 Wijmans et al. 2024, "Cut Your Losses").
 
 A chunk makes two passes over its (rows, vocab) matrix besides the three products: one softmax, in
-the products' dtype, and one sum. The gradient of the logits is softmax - one_hot(target); the
-softmax is left as written, with the target's entry zeroed, and the target's term is added to the
-products' results instead, in float32, where it is a row of the (rows, C) side. So no pass converts
-the matrix to float32 and back, scales it, or subtracts from it, and 1 - p(target) is summed from the
-other probabilities, exact where p(target) is near 1, rather than rounded from it.
+the products' dtype (bfloat16 under autocast), and one sum. The softmax becomes the gradient of the
+logits, softmax - one_hot(target), in place: its target entries are replaced by -(1 - p(target)), the
+sum of the row's other probabilities. So no pass converts the matrix to float32 and back or scales it
+(the rows' weights scale the (rows, C) side of the products instead), and where p(target) is near 1,
+1 - p(target) keeps its digits, as it would not if taken from a p(target) rounded near 1.
 
 Every device uses the chunked form. On a GPU the plain form's float32 logits are what runs out of
 memory first: 64 x 1024 positions of GPT-2's head are 12.3 GiB, and its log-softmax as much again.
@@ -31,9 +31,9 @@ IGNORE_INDEX = -1  # targets equal to this contribute nothing (padding, the ends
 # bounded for any batch. Within it, chunks are as large as they can be: a chunk's three GEMMs run
 # faster with more rows.
 CHUNK_BYTES = 256 * 2**20
-# Below this, p(target) nears the end of float32's normal range (2**-126), where its log loses
-# precision or is -inf; such rows (a loss above 69) get their loss from the float32 log-sum-exp of
-# their logits instead.
+# The softmax computes exp(logit - max), then divides by a sum of up to 50k such terms: a p(target)
+# below this may have passed through float32's subnormals (under 2**-126), where it keeps few digits
+# or none, so its row (a loss above 69) gets its loss from the row's logits again, in float32.
 SMALLEST_EXACT_PROBABILITY = 2.0**-100
 
 
@@ -43,8 +43,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
     hidden (N, C), weight (V, C), targets (N,). With `vocab_size` < V, the rows of `weight` past it
     (a padded vocabulary) take part in the products but not in the softmax: their logits are -inf.
-    The same value as F.cross_entropy over float32 logits; under autocast the softmax is rounded to
-    its dtype, as the logits are.
+    In float32, the value of F.cross_entropy over float32 logits; under bfloat16 autocast the
+    softmax is rounded to bfloat16 as the logits are, each row's loss within 2**-8 of p(target).
     """
     vocab_size = weight.size(0) if vocab_size is None else vocab_size
     if torch.compiler.is_compiling():
@@ -63,12 +63,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
                 targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        # Under autocast the products and the softmax run in its dtype, as F.linear's would; the loss,
-        # the target's terms and the weight gradient's sum run in float32.
+        # Under autocast the products and the softmax run in its dtype, as F.linear's would; the loss
+        # and the weight gradient's sum run in float32.
         device = hidden.device.type
         if not torch.amp.is_autocast_available(device):  # the meta device, say
             return _forward(ctx, hidden, weight, targets, vocab_size, hidden.dtype)
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        if dtype == torch.float16:  # (CUDA's default autocast) its range flushes a 50k-way softmax's small p to 0
+            dtype = torch.float32
         with torch.autocast(device, enabled=False):
             return _forward(ctx, hidden, weight, targets, vocab_size, dtype)
 
@@ -88,7 +90,8 @@ def _forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, wei
     device = hidden.device
     keep = targets != IGNORE_INDEX
     target = targets.clamp(min=0)  # ignored rows point at token 0, then weigh 0
-    row_weight = (keep.float() / keep.sum()).unsqueeze(1)  # d(mean loss) / d(a row's loss), (N, 1)
+    count = keep.sum()
+    row_weight = (keep.float() / count).unsqueeze(1)  # d(mean loss) / d(a row's loss), (N, 1)
     target_prob = torch.empty(targets.shape, dtype=torch.float32, device=device)
     others_prob = torch.empty(targets.shape, dtype=torch.float32, device=device)  # 1 - p(target)
     grad_hidden = torch.empty_like(hidden) if wants_grad_hidden else None
@@ -97,31 +100,26 @@ def _forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, wei
     # as a fresh (V, C) tensor per chunk would cost its page faults every time.
     partial = (torch.empty(weight.shape, dtype=dtype, device=device) if wants_grad_weight and dtype != torch.float32
                else None)
-    for rows in _chunks(hidden.size(0), weight.size(0), dtype.itemsize):
-        h, t = hidden_c[rows], target[rows]
-        probs, target_prob[rows], others_prob[rows] = _probabilities_without_target(h, weight_c, t, vocab_size)
-        # d(mean loss)/d(logits) = (probs - one_hot(target)) * row weight, and probs already lacks the
-        # target's p: its products take the rest of the target's term, -(1 - p(target)) * row weight.
-        target_term = (others_prob[rows] * row_weight[rows, 0]).unsqueeze(1)  # (r, 1)
+    for chunk in _chunks(hidden.size(0), weight.size(0), dtype.itemsize):
+        h = hidden_c[chunk]
+        grad_logits, target_prob[chunk], others_prob[chunk] = _softmax_gradient(h, weight_c, target[chunk],
+                                                                                vocab_size)
         if wants_grad_hidden:
-            grad = (probs @ weight_c).float().mul_(row_weight[rows]).sub_(target_term * weight_c[t].float())
-            grad_hidden[rows] = grad
-        if wants_grad_weight:
-            weighted_h = h.float() * row_weight[rows]  # (r, C)
-            if partial is None:
-                grad_weight.addmm_(probs.T, weighted_h)
-            else:
-                grad_weight += torch.mm(probs.T, weighted_h.to(dtype), out=partial)
-            grad_weight.index_add_(0, t, weighted_h * -others_prob[rows].unsqueeze(1))
+            grad_hidden[chunk] = (grad_logits @ weight_c).float().mul_(row_weight[chunk])
+        if wants_grad_weight and partial is None:
+            grad_weight.addmm_(grad_logits.T, h * row_weight[chunk])
+        elif wants_grad_weight:
+            grad_weight += torch.mm(grad_logits.T, (h.float() * row_weight[chunk]).to(dtype), out=partial)
+        del grad_logits  # before the next chunk's logits: two (r, V) buffers live at most, not three
     ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
     row_loss = _row_loss(hidden_c, weight_c, target, vocab_size, keep, target_prob, others_prob)
-    return torch.where(keep, row_loss, 0.0).sum() / keep.sum()
+    return torch.where(keep, row_loss, 0.0).sum() / count
 
 
-def _probabilities_without_target(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                                  vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """softmax(h @ weight.T) over the first `vocab_size` ids, in the products' dtype, with each row's
-    target entry set to 0; and, in float32, p(target) and the sum of the rest, 1 - p(target).
+def _softmax_gradient(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                      vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softmax(h @ weight.T) - one_hot(target) over the first `vocab_size` ids, in the products' dtype
+    (the gradient of each row's loss by its logits); and, in float32, p(target) and 1 - p(target).
     h (r, C), weight (V, C), target (r,)."""
     logits = F.linear(h, weight)  # (r, V)
     logits[:, vocab_size:] = float("-inf")  # padded ids: probability 0, so no gradient either
@@ -130,23 +128,29 @@ def _probabilities_without_target(h: torch.Tensor, weight: torch.Tensor, target:
     rows = torch.arange(h.size(0), device=h.device)
     target_prob = probs[rows, target].float()
     probs[rows, target] = 0
-    return probs, target_prob, probs.sum(1).float()
+    others_prob = probs.sum(1)  # 1 - p(target) from the other probabilities: its digits kept where p is near 1
+    probs[rows, target] = -others_prob
+    return probs, target_prob, others_prob.float()
 
 
 def _row_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_size: int,
               keep: torch.Tensor, target_prob: torch.Tensor, others_prob: torch.Tensor) -> torch.Tensor:
     """Each row's -log p(target), float32 (N,): from 1 - p(target) where p is near 1 (log1p keeps the
     small loss exact), from p(target) elsewhere, and where p(target) is too small for that, from the
-    row's logits again, recomputed for those rows alone."""
+    row's logits again, recomputed for those rows alone. Ignored rows (not `keep`) may hold inf."""
     loss = torch.where(others_prob < 0.5, -torch.log1p(-others_prob), -target_prob.log())
     far = keep & (target_prob < SMALLEST_EXACT_PROBABILITY) & (others_prob >= 0.5)
-    if not far.is_meta and far.any():  # rare (a loss above 69): one device sync per call, not per chunk
-        where = far.nonzero().squeeze(1)
-        for rows in _chunks(where.numel(), weight.size(0), 4):
-            logits = F.linear(hidden[where[rows]], weight).float()
-            logits[:, vocab_size:] = float("-inf")
-            target_logit = logits.gather(1, target[where[rows]].unsqueeze(1)).squeeze(1)
-            loss[where[rows]] = torch.logsumexp(logits, 1) - target_logit
+    if far.is_meta:  # no values to look at
+        return loss
+    far_rows = far.nonzero().squeeze(1)  # one device sync per call, not per chunk
+    if far_rows.numel() == 0:  # the common case
+        return loss
+    for chunk in _chunks(far_rows.numel(), weight.size(0), 4):
+        rows = far_rows[chunk]
+        logits = F.linear(hidden[rows], weight).float()
+        logits[:, vocab_size:] = float("-inf")
+        target_logit = logits.gather(1, target[rows].unsqueeze(1)).squeeze(1)
+        loss[rows] = torch.logsumexp(logits, 1) - target_logit
     return loss
 
 

@@ -3,6 +3,8 @@ whole model's loss and gradients against HF transformers' GPT2LMHeadModel."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,6 +109,75 @@ def test_a_loss_near_zero_keeps_its_precision() -> None:
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-9)
 
 
+def test_each_rows_loss_keeps_its_digits_down_to_the_smallest_probabilities() -> None:
+    """Rows built to lose 0.01 to 500 nats, some with a padded id's logit above all others: each row's
+    loss within 1e-6 of itself against float64, through the subnormal p(target) of losses near 90-103
+    (there the loss comes from the row's logits again, and the padded ids must stay out of it)."""
+    hidden, weight, targets = operands(vocab=53)
+    hidden, weight, targets = hidden.detach().clone(), weight.detach(), targets.clamp(min=0)
+    targets = targets.clamp(max=49)  # ids 50.. are padding
+    hidden[::3] += 2 * weight[50]  # a padded id's logit the largest of these rows
+    with torch.no_grad():
+        logits = (hidden @ weight.T).double()[:, :50]
+        gap = logits.logsumexp(1) - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    wanted = torch.tensor([0.01, 1.0, 10.0, 75.0, 88.0, 92.0, 96.0, 100.0, 103.0, 120.0, 500.0]).repeat(4)[:37]
+    hidden *= (wanted / gap).unsqueeze(1)  # roughly: a row's loss grows with its scale
+    logits = (hidden @ weight.T).double()
+    expected = F.cross_entropy(logits[:, :50], targets, reduction="none")
+    assert ((expected > 87.4) & (expected < 103)).sum() >= 5  # p(target) subnormal in float32
+    actual = torch.stack([linear_cross_entropy(hidden[i:i + 1], weight, targets[i:i + 1], vocab_size=50)
+                          for i in range(37)]).double()
+    float32_logits_error = 2**-23 * logits.abs().amax(1)  # what rounding the logits to float32 costs
+    assert ((actual - expected).abs() <= 1e-6 * expected + 2 * float32_logits_error).all()
+
+
+def test_bfloat16_gradients_of_near_certain_rows_keep_their_digits() -> None:
+    """Under bfloat16 autocast, where p(target) is within ~1e-3 of 1 (bfloat16 rounds such a p to 1.0),
+    the gradient still follows the float64 one over the same bfloat16 logits, as 1 - p(target) comes
+    from the other probabilities."""
+    _, weight, targets = operands()
+    weight = weight.detach()
+    targets = targets.clamp(min=0)
+    hidden = weight[targets].clone()  # each row most like its target's embedding
+    with torch.no_grad():
+        logits = F.linear(hidden.bfloat16(), weight.bfloat16()).double()
+        probs = logits.softmax(1)
+        targets[probs.gather(1, targets.unsqueeze(1)).squeeze(1) < 0.99] = -1  # the near-certain rows
+        keep = targets >= 0
+        grad_logits = (probs - F.one_hot(targets.clamp(min=0), 53)) * (keep / keep.sum()).unsqueeze(1)
+        expected = grad_logits @ weight.bfloat16().double()
+    assert keep.sum() > 15 and grad_logits.abs().max() < 1e-3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, grad_hidden, _ = loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+    assert ((grad_hidden.double() - expected).norm() / expected.norm()) < 2e-2
+
+
+def test_each_chunks_gradient_matrix_is_freed_before_the_next_chunks_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory bound holds: a chunk's (rows, vocab) matrices are gone when the next chunk starts."""
+    chunk_rows(monkeypatch, 8)
+    hidden, weight, targets = operands()
+    softmax_gradient, made = cross_entropy._softmax_gradient, []
+
+    def watched_softmax_gradient(*args: object) -> tuple:
+        assert all(matrix() is None for matrix in made)
+        result = softmax_gradient(*args)
+        made.append(weakref.ref(result[0]))
+        return result
+
+    monkeypatch.setattr(cross_entropy, "_softmax_gradient", watched_softmax_gradient)
+    loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+    assert len(made) == 5
+
+
+def test_float16_autocast_takes_the_float32_path() -> None:
+    """float16's smallest normal is 2**-14: a softmax over 2000 ids in it would flush most of them to 0."""
+    hidden, weight, targets = operands(width=16, vocab=2000)
+    with torch.autocast("cpu", dtype=torch.float16):
+        actual = loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+    for a, e in zip(actual, loss_and_grads(plain, hidden, weight, targets), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_autocast_follows_the_plain_loss_under_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
     chunk_rows(monkeypatch, 8)
     hidden, weight, targets = operands()
@@ -129,13 +200,13 @@ def test_under_torch_compile_the_chunks_run_eagerly_with_the_same_loss_and_gradi
     hidden, weight, targets = operands()
     targets = targets.clamp(max=49)  # ids 50.. are padding
     traced = []
-    probabilities = cross_entropy._probabilities_without_target
+    softmax_gradient = cross_entropy._softmax_gradient
 
-    def watched_probabilities(*args: object) -> tuple:
+    def watched_softmax_gradient(*args: object) -> tuple:
         traced.append(torch.compiler.is_compiling())  # False wherever a chunk runs eagerly
-        return probabilities(*args)
+        return softmax_gradient(*args)
 
-    monkeypatch.setattr(cross_entropy, "_probabilities_without_target", watched_probabilities)
+    monkeypatch.setattr(cross_entropy, "_softmax_gradient", watched_softmax_gradient)
     torch._dynamo.reset()  # each dtype's run its own compilations: dynamo allows 8 per function
     compiled = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, vocab_size=50))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
