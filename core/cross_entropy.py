@@ -121,8 +121,7 @@ def _softmax_gradient(h: torch.Tensor, weight: torch.Tensor, target: torch.Tenso
     """softmax(h @ weight.T) - one_hot(target) over the first `vocab_size` ids, in the products' dtype
     (the gradient of each row's loss by its logits); and, in float32, p(target) and 1 - p(target).
     h (r, C), weight (V, C), target (r,)."""
-    logits = F.linear(h, weight)  # (r, V)
-    logits[:, vocab_size:] = float("-inf")  # padded ids: probability 0, so no gradient either
+    logits = _logits(h, weight, vocab_size)
     probs = torch.softmax(logits, 1)  # a pass of its own: each row's max, exp and sum stay in cache
     del logits
     rows = torch.arange(h.size(0), device=h.device)
@@ -131,6 +130,13 @@ def _softmax_gradient(h: torch.Tensor, weight: torch.Tensor, target: torch.Tenso
     others_prob = probs.sum(1)  # 1 - p(target) from the other probabilities: its digits kept where p is near 1
     probs[rows, target] = -others_prob
     return probs, target_prob, others_prob.float()
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """h (r, C) @ weight.T -> (r, V), -inf at the padded ids: probability 0, so no gradient either."""
+    logits = F.linear(h, weight)
+    logits[:, vocab_size:] = float("-inf")
+    return logits
 
 
 def _row_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_size: int,
@@ -147,8 +153,7 @@ def _row_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, 
         return loss
     for chunk in _chunks(far_rows.numel(), weight.size(0), 4):
         rows = far_rows[chunk]
-        logits = F.linear(hidden[rows], weight).float()
-        logits[:, vocab_size:] = float("-inf")
+        logits = _logits(hidden[rows], weight, vocab_size).float()
         target_logit = logits.gather(1, target[rows].unsqueeze(1)).squeeze(1)
         loss[rows] = torch.logsumexp(logits, 1) - target_logit
     return loss
