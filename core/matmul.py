@@ -1,21 +1,29 @@
 """An opt-in speed-up for inference on the CPU: every linear layer's x @ W.T (+ b) in whichever of
-its two formulations runs faster on this machine, measured once. sample.py and hellaswag.py apply it
-to their model on a CPU (`use_measured_matmuls`); the model itself, and training, never touch it.
+its formulations runs fastest on this machine, measured once. sample.py, hellaswag.py and evaluate.py
+apply it to their model on a CPU (`use_measured_matmuls`); the model itself, and training, never touch it.
 
-A CPU BLAS runs the same product at different speeds depending on which operand it sees as the
-long side: `(W @ x.T).T` or `x @ W.T`. Which one wins depends on the processor, the dtype and the
-shape (the README's benchmark tables give figures, with the machines named), so the first use of
-each shape times both formulations and keeps the faster.
+The formulations:
+- `linear`: F.linear, as the model computes.
+- `transposed`: `(W @ x.T).T`. A CPU BLAS runs the same product at different speeds depending on
+  which operand it sees as the long side.
+- `packed`: oneDNN's product over a copy of the weight kept in its blocked layout (what inductor's
+  freezing does). F.linear reorders the weight into that layout at every call, which reads and
+  writes it once more: for a few rows (a decode step) the product is then bound by the weight's
+  memory traffic, twice over. The copy is made at first use and again whenever the weight changes
+  (its version counter or storage); it costs the weight's memory once more, for the layers that take it.
+Which one wins depends on the processor, the dtype and the shape (the README's benchmark tables give
+figures, with the machines named), so the first use of each shape times all of them and keeps the fastest.
 
-The two agree to rounding, not always bit for bit (the BLAS may split the sums differently), and
+They agree to rounding, not always bit for bit (the libraries may split the sums differently), and
 two processes must compute the same (a run of sample.py with a seed gives the same samples, the
 ranks of a torchrun'd hellaswag.py score alike). So each answer is measured once per machine and
-kept in the cache folder (`matmul.json`), under a lock so that concurrent processes measure each
-shape only once and all agree. Products that autograd differentiates go through F.linear. Code being
-compiled cannot time anything, so it takes the choice the same product got when it last ran eagerly.
+kept in the cache folder (`matmul_formulations.json`), under a lock so that concurrent processes
+measure each shape only once and all agree. Products that autograd differentiates go through
+F.linear. Code being compiled cannot time anything, so it takes the choice the same product got when
+it last ran eagerly (`packed` as F.linear: a graph cannot hold oneDNN's copy).
 
-GPT2_TOOLKIT_MATMUL=linear (or =transposed) takes that formulation for every product and measures
-nothing: numbers that do not depend on this machine's timings, which is what the tests run with.
+GPT2_TOOLKIT_MATMUL=linear (or =transposed, =packed) takes that formulation for every product and
+measures nothing: numbers that do not depend on this machine's timings, which is what the tests run with.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from core.atomic import write_file_atomically
 from core.cache import cache_dir
@@ -42,17 +51,21 @@ try:
 except ImportError:  # Windows: no lock; concurrent first uses may then measure twice
     fcntl = None
 
-# The transposed form must win by this factor to be chosen: a near tie is not worth a product that
-# may round differently from F.linear.
+FORMULATIONS = ("linear", "transposed", "packed")
+# Another formulation must beat F.linear by this factor to be chosen: a near tie is not worth a
+# product that may round differently from F.linear.
 MARGIN = 1.1
 TIMED_CALLS = 2
 # Products of more rows are timed on this many: the winner was the same from 128 to 2048 rows for
 # every GPT-2 shape where we measured, and timing a 2048-row output layer in full would cost seconds.
 MEASURED_ROWS = 128
-DECISIONS_FILE = "matmul.json"
+# Named apart from the file of earlier versions, which kept true or false (transposed or not) and
+# would read this one's names as true.
+DECISIONS_FILE = "matmul_formulations.json"
 
-_decisions: dict[tuple, bool] = {}  # this process's copy of the machine's answers
-_last_choice: dict[tuple, bool] = {}  # by shape alone: what code being compiled reads
+_decisions: dict[tuple, str] = {}  # this process's copy of the machine's answers
+_last_choice: dict[tuple, str] = {}  # by shape alone: what code being compiled reads
+_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> (its version and storage, oneDNN's copy)
 
 
 def use_measured_matmuls(model: nn.Module) -> None:
@@ -66,7 +79,7 @@ def use_measured_matmuls(model: nn.Module) -> None:
 
 
 class MeasuredLinear(nn.Linear):
-    """nn.Linear through `linear`: the faster formulation of its product on this machine."""
+    """nn.Linear through `linear`: the fastest formulation of its product on this machine."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -84,35 +97,47 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     shape = (size_class, weight.size(1), weight.size(0), x.dtype, weight.dtype, bias is not None)
     if torch.compiler.is_compiling():
         # Nothing can be timed while tracing: the graph takes, as a constant, the choice the same
-        # product got when it last ran eagerly (in the same thread count and autocast), else F.linear.
-        transposed = _last_choice.get(shape, False)
+        # product got when it last ran eagerly (in the same thread count and autocast), else F.linear;
+        # and a graph cannot hold oneDNN's opaque copy of a weight, so `packed` runs as F.linear there.
+        formulation = _last_choice.get(shape, "linear")
+        formulation = "linear" if formulation == "packed" else formulation
     else:
-        transposed = _last_choice[shape] = _choose(shape, x2d, weight, bias)
-    y = linear_transposed(x2d, weight, bias) if transposed else F.linear(x2d, weight, bias)
+        formulation = _last_choice[shape] = _choose(shape, x2d, weight, bias)
+    y = PRODUCTS[formulation](x2d, weight, bias)
     return y.reshape(*x.shape[:-1], y.size(-1))
 
 
 @functools.cache
-def forced_choice() -> bool | None:
-    """GPT2_TOOLKIT_MATMUL's answer for every product (True: transposed), or None: measure each."""
+def forced_choice() -> str | None:
+    """GPT2_TOOLKIT_MATMUL's formulation for every product, or None: measure each."""
     setting = os.environ.get("GPT2_TOOLKIT_MATMUL", "measure")
-    choices = {"measure": None, "linear": False, "transposed": True}
-    if setting not in choices:
-        raise UserError(f"GPT2_TOOLKIT_MATMUL={setting!r}: choose measure, linear or transposed")
-    return choices[setting]
+    if setting != "measure" and setting not in FORMULATIONS:
+        raise UserError(f"GPT2_TOOLKIT_MATMUL={setting!r}: choose measure, {', '.join(FORMULATIONS)}")
+    return None if setting == "measure" else setting
 
 
-def _choose(shape: tuple, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether this product runs transposed: as GPT2_TOOLKIT_MATMUL says, else as measured here."""
+def _choose(shape: tuple, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """This product's formulation: as GPT2_TOOLKIT_MATMUL says, else as measured here; `linear`
+    where the chosen one cannot run on these operands."""
+    usable = usable_formulations(x2d, weight)
     forced = forced_choice()
     if forced is not None:
-        return forced
+        return forced if forced in usable else "linear"
     autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     key = (*shape, autocast, torch.get_num_threads())
-    transposed = _decisions.get(key)  # a tuple: this runs at every product, so no string, no file
-    if transposed is None:
-        transposed = _decisions[key] = _decide(_file_key(*key), x2d[:MEASURED_ROWS], weight, bias)
-    return transposed
+    formulation = _decisions.get(key)  # a tuple: this runs at every product, so no string, no file
+    if formulation is None:
+        formulation = _decisions[key] = _decide(_file_key(*key), x2d[:MEASURED_ROWS], weight, bias, usable)
+    return formulation if formulation in usable else "linear"
+
+
+def usable_formulations(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, ...]:
+    """The formulations that compute F.linear(x, weight) here. oneDNN's product knows nothing of
+    autocast (it would multiply in the inputs' dtype, not autocast's) and runs float32 and bfloat16
+    only; an inference tensor has no version counter, so its copy could not be kept up to date."""
+    packable = (torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
+                and x.dtype == weight.dtype in (torch.float32, torch.bfloat16) and not weight.is_inference())
+    return FORMULATIONS if packable else FORMULATIONS[:2]
 
 
 def linear_transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,33 +147,72 @@ def linear_transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return torch.addmm(bias.unsqueeze(1), weight, x.T).T
 
 
+def linear_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a 2-D x, computed by oneDNN over its blocked copy of `weight`."""
+    return _packed_product(x, packed_weight(weight), bias)
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked copy of `weight`, made again whenever the weight has changed since: an
+    optimizer step or load_state_dict writes in place (which bumps its version counter), and
+    `.data =` swaps its storage."""
+    state = (weight._version, weight.data_ptr())
+    kept = _packed.get(weight)
+    if kept is None or kept[0] != state:
+        kept = _packed[weight] = (state, _pack(weight))
+    return kept[1]
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+PRODUCTS = {"linear": F.linear, "transposed": linear_transposed, "packed": linear_packed}
+
+
 @torch.no_grad()
-def transposed_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Times both formulations on these operands (the best of a few calls each, interleaved so that
-    a burst of load from elsewhere hits both alike)."""
-    candidates = (lambda: F.linear(x, weight, bias), lambda: linear_transposed(x, weight, bias))
-    best = [float("inf"), float("inf")]
+def fastest_formulation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        usable: tuple[str, ...]) -> str:
+    """Times the `usable` formulations on these operands (the best of a few calls each, interleaved
+    so that a burst of load from elsewhere hits all alike; oneDNN's copy made before, as it is made
+    once); F.linear unless another wins by MARGIN."""
+    packed = None
+    if "packed" in usable:
+        try:
+            packed = _pack(weight)
+            _packed_product(x, packed, bias)
+        except RuntimeError:  # a oneDNN build without this product for these operands: the others compete
+            usable = tuple(name for name in usable if name != "packed")
+    products = {"linear": lambda: F.linear(x, weight, bias), "transposed": lambda: linear_transposed(x, weight, bias),
+                "packed": lambda: _packed_product(x, packed, bias)}
+    best = dict.fromkeys(usable, float("inf"))
     for call in range(TIMED_CALLS + 1):  # call 0 warms up caches and the allocator
-        for i, product in enumerate(candidates):
+        for name in usable:
             start = time.perf_counter()
-            product()
+            products[name]()
             if call > 0:
-                best[i] = min(best[i], time.perf_counter() - start)
-    return best[1] * MARGIN < best[0]
+                best[name] = min(best[name], time.perf_counter() - start)
+    fastest = min(best, key=best.get)
+    return fastest if best[fastest] * MARGIN < best["linear"] else "linear"
 
 
-def _decide(key: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _decide(key: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            usable: tuple[str, ...]) -> str:
     """The machine's answer for `key`: from the decisions file, else measured now and added to it."""
     path = cache_dir() / DECISIONS_FILE
     try:
         with _locked(path):
             decisions = _read(path)
             if key not in decisions:
-                decisions[key] = transposed_is_faster(x, weight, bias)
+                decisions[key] = fastest_formulation(x, weight, bias, usable)
                 write_file_atomically(path, (json.dumps(decisions, indent=1, sort_keys=True) + "\n").encode())
             return decisions[key]
     except OSError:  # no writable cache folder: measured for this process only
-        return transposed_is_faster(x, weight, bias)
+        return fastest_formulation(x, weight, bias, usable)
 
 
 @contextlib.contextmanager
@@ -160,12 +224,15 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _read(path: Path) -> dict[str, bool]:
+def _read(path: Path) -> dict[str, str]:
+    """The file's decisions; a damaged one, or one that names no formulation, is measured again."""
     try:
         decisions = json.loads(path.read_text())
     except (OSError, ValueError):  # none yet, or damaged: measure again
         return {}
-    return decisions if isinstance(decisions, dict) else {}
+    if not isinstance(decisions, dict):
+        return {}
+    return {key: value for key, value in decisions.items() if value in FORMULATIONS}
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:

@@ -36,7 +36,7 @@ def load_model_to_score(spec: str, device: torch.device, dtype_setting: str) -> 
     """The model and tokenizer of `spec`, and the dtype that `dtype_setting` (auto, float32, ...) means on
     `device`. Scored as training computes it: float32 weights, under `scoring_autocast` for bfloat16, so
     that a stage's number and the training run's agree on the same checkpoint (float16 keeps float16
-    weights); TF32 on CUDA; the CPU's faster matmul formulation (core/matmul.py)."""
+    weights); TF32 on CUDA; the CPU's fastest matmul formulation (core/matmul.py)."""
     enable_tf32(device)
     dtype = resolve_dtype(dtype_setting, device)
     model, tokenizer = load_model_and_tokenizer(spec, device=device,

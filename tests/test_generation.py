@@ -52,13 +52,13 @@ def recomputed_greedy(model: GPT, prompt: list[int], new_tokens: int) -> list[in
     return sequence[len(prompt):]
 
 
-@pytest.mark.parametrize("transposed", [None, False, True], ids=["model", "measured-F.linear", "transposed"])
-def test_greedy_with_cache_equals_argmax_of_full_recomputation(transposed: bool | None,
+@pytest.mark.parametrize("formulation", [None, *matmul.FORMULATIONS], ids=["model", *matmul.FORMULATIONS])
+def test_greedy_with_cache_equals_argmax_of_full_recomputation(formulation: str | None,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # The model as it is, and under sample.py's opt-in (core/matmul.py) with each formulation forced.
     model = small_model()
-    if transposed is not None:
-        monkeypatch.setattr(matmul, "forced_choice", lambda: transposed)
+    if formulation is not None:
+        monkeypatch.setattr(matmul, "forced_choice", lambda: formulation)
         matmul.use_measured_matmuls(model)
         assert type(model.lm_head) is matmul.MeasuredLinear
     prompt = [5, 17, 42, 3]
