@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from core.cli import StageParser
-from core.devices import dtype_name, enable_tf32, resolve_device, resolve_dtype
+from core.devices import dtype_name, enable_tf32, keep_freed_memory, resolve_device, resolve_dtype
 from core.errors import UserError, exit_on_user_error
 from core.generation import Sampling, TextStream, compile_decode_step, fit_to_context, stream_tokens
 from core.matmul import use_measured_matmuls
@@ -164,6 +164,7 @@ def main() -> None:
     args = parse_args()
     device = resolve_device(args.device)
     enable_tf32(device)
+    keep_freed_memory(device)  # before the model is loaded: each step's logits are a fresh megabyte otherwise
     dtype = resolve_dtype(args.dtype, device, cpu_bfloat16=True)
     try:
         sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
 from core.cli import StageParser
 from core.core_benchmark import evaluate_core, prepare_this_ranks_share, read_tasks
-from core.devices import resolve_device
+from core.devices import keep_freed_memory, resolve_device
 from core.matmul import use_measured_matmuls
 from core.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
@@ -41,6 +41,7 @@ def main() -> None:
     if not (args.bundle / "core.yaml").is_file():
         parser.error(f"no core.yaml in {args.bundle}: pass --bundle DIR")
     device = resolve_device(args.device)
+    keep_freed_memory(device)  # as evaluate.py does, before the model is built
     tokenizer = get_tokenizer("gpt2")
     tasks = read_tasks(args.bundle)
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
 from core.cli import StageParser
-from core.devices import resolve_device
+from core.devices import keep_freed_memory, resolve_device
 from core.evaluation import read_hellaswag, score_examples
 from core.matmul import use_measured_matmuls
 from core.tokenizer import get_tokenizer
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    keep_freed_memory(device)  # as hellaswag.py does, before the model is built
     examples = read_hellaswag(args.data, get_tokenizer("gpt2"), limit=args.limit)
     torch.manual_seed(0)
     model = GPT(GPTConfig()).to(device).eval()

@@ -30,7 +30,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
 from core.cli import StageParser
-from core.devices import dtype_name, resolve_device, resolve_dtype, synchronize
+from core.devices import dtype_name, keep_freed_memory, resolve_device, resolve_dtype, synchronize
 from core.generation import Sampling, compile_decode_step, generate, sample_next
 from core.hf import config_to_hf, state_dict_to_hf
 from core.matmul import use_measured_matmuls
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = resolve_device(args.device)
+    keep_freed_memory(device)  # as sample.py does, before the model is built
     dtype = resolve_dtype(args.dtype, device, cpu_bfloat16=True)  # what sample.py runs in
     torch.manual_seed(0)
     model = GPT(GPTConfig()).to(device=device, dtype=dtype).eval()

@@ -293,6 +293,23 @@ def test_sample_compile_gives_the_eager_tokens_and_reports_compile_time_apart(ch
                      compiled.stderr), compiled.stderr
 
 
+def test_sample_keeps_freed_memory_from_before_the_model_is_loaded(checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """glibc would hand each decode step's fresh megabyte of logits back to the system and fault it in
+    again at the next step (core.devices.keep_freed_memory): the trainers' setting, in sample.py too."""
+    import sample
+
+    events: list[tuple] = []
+    load = sample.load_model_and_tokenizer
+    monkeypatch.setattr(sample, "keep_freed_memory", lambda device: events.append(("keep", device.type)))
+    monkeypatch.setattr(sample, "load_model_and_tokenizer", lambda *a, **k: events.append(("load",)) or load(*a, **k))
+    monkeypatch.setattr(sys, "argv", ["sample.py", "-m", str(checkpoint), "--json", "--max-new-tokens", "2",
+                                      "--device", "cpu", "--dtype", "float32", "Hello"])
+    sample.main()
+    assert events == [("keep", "cpu"), ("load",)]
+    assert len(json.loads(capsys.readouterr().out)["samples"][0]["tokens"]) == 2
+
+
 def test_sample_drops_the_line_break_that_ends_stdin(checkpoint: Path) -> None:
     result = run_sample("-m", str(checkpoint), "--json", "--max-new-tokens", "2", stdin="Once upon a time\n")
     assert result.returncode == 0, result.stderr

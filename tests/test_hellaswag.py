@@ -134,6 +134,19 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def test_scoring_keeps_freed_memory_from_before_the_model_is_loaded(checkpoint: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """hellaswag.py and evaluate.py load their model so: glibc's malloc set up as in training first."""
+    from core import scoring
+
+    events: list[tuple] = []
+    load = scoring.load_model_and_tokenizer
+    monkeypatch.setattr(scoring, "keep_freed_memory", lambda device: events.append(("keep", device.type)))
+    monkeypatch.setattr(scoring, "load_model_and_tokenizer", lambda *a, **k: events.append(("load",)) or load(*a, **k))
+    model, _, dtype = scoring.load_model_to_score(str(checkpoint), torch.device("cpu"), "float32")
+    assert events == [("keep", "cpu"), ("load",)] and dtype == torch.float32 and model.config.vocab_size == 50257
+
+
 def run(command: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "GPT2_TOOLKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", **env}
     # The device and dtype pinned: with auto, a GPU box would run these on CUDA (and torchrun's rank 1 on a GPU
