@@ -2,6 +2,7 @@
 
     python bench/bench_train.py                                  # both configs, fp32 and bf16, eager and compiled
     python bench/bench_train.py --configs small --modes eager --steps 5
+    python bench/bench_train.py --dtypes bfloat16 --rounds 3                # each row's median of 3 runs
 
 One training step is what train_gpt2.py does per micro-batch and optimizer step: forward with the
 loss, backward, gradient clipping at 1.0, fused AdamW. bf16 means autocast over float32 weights, as
@@ -11,7 +12,10 @@ MFU is against the matmul peak of the same dtype, measured here in the same run 
 Configs: GPT-2 124M at T=1024, and a small one (4 layers, 256 wide, T=256, B=8). Last, per config, what
 train_gpt2.py itself reaches with its defaults on the same shape (its metrics' tokens_per_second).
 Each of these runs in a process of its own: in one process, a run's speed depended on what ran before
-it (our 124M bf16 eager step lost 25% after the small config's runs).
+it (our 124M bf16 eager step lost 25% after the small config's runs). On a shared machine whose speed
+drifts, rows run minutes apart also see different machines: `--rounds` runs every row again, the order
+reversed every other round, and reports each row's median (our 124M compiled step ran 10% below eager
+in sequential rows, and level with it when the two alternated in one process).
 """
 
 from __future__ import annotations
@@ -167,6 +171,10 @@ def main() -> None:
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run (default: 5)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default: 3)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every row this many times, the order reversed every other round, and take each "
+                             "row's median: on a shared machine whose speed drifts, rows run minutes apart see "
+                             "different machines (default: 1)")
     parser.add_argument("--max-step-seconds", type=float, default=60.0,
                         help="skip a dtype whose step would take longer than this at its measured matmul peak "
                              "(default: 60)")
@@ -182,32 +190,55 @@ def main() -> None:
     peaks = {name: measured_peak(torch.device("cpu"), DTYPES[name], seconds=2.0) for name in args.dtypes.split(",")}
     print("matmul peak measured here: " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
     for config_name in args.configs.split(","):
-        shape, batch, seq_len = CONFIGS[config_name]
-        print(f"\n{config_name}: {shape}, batch {batch} x {seq_len}; median of {args.steps} steps after {args.warmup}")
-        dtypes = [name for name, peak in peaks.items()
-                  if fast_enough(name, peak, shape, batch, seq_len, args.max_step_seconds)]
-        step_flops_per_token = model_flops_per_token(shape, seq_len)
-        best: dict[str, tuple[float, str]] = {}
-        for dtype_name in dtypes:
-            for mode in args.modes.split(","):
-                for impl in ("ours", "HF"):
-                    row = run_apart(config_name, impl, dtype_name, mode, args.steps, args.warmup)
-                    tps = row["tokens_per_second"]
-                    mfu = step_flops_per_token * tps / peaks[dtype_name]
-                    label = f"{dtype_name} {mode}"
-                    print(f"  {impl:4} {label:18} {tps:9.1f} tokens/s  MFU {100 * mfu:5.1f}%  "
-                          f"(warm-up incl. compile {row['warmup_seconds']:6.1f} s)", flush=True)
-                    if tps > best.get(impl, (0.0, ""))[0]:
-                        best[impl] = (tps, label)
-        if not best:
-            continue
-        own = run_apart(config_name, "train_gpt2", "", "", args.steps, args.warmup)["tokens_per_second"]
-        print(f"  train_gpt2.py with its defaults: {own:9.1f} tokens/s, {own / best['ours'][0]:.2f} of best ours "
-              f"(goal: within 10%)")
-        goal = 1.5 if config_name == "small" else 1.2
-        print(f"  best ours ({best['ours'][1]}) / best HF ({best['HF'][1]}) = "
-              f"{best['ours'][0] / best['HF'][0]:.2f}x (goal {goal}x)")
+        bench_config(config_name, peaks, args)
 
+
+def bench_config(config_name: str, peaks: dict[str, float], args: argparse.Namespace) -> None:
+    """Every row of one config, `args.rounds` times over, the order reversed every other round; each
+    row's median over the rounds, then the best-vs-best ratio."""
+    shape, batch, seq_len = CONFIGS[config_name]
+    rounds = f", median of {args.rounds} rounds" if args.rounds > 1 else ""
+    print(f"\n{config_name}: {shape}, batch {batch} x {seq_len}; median of {args.steps} steps after {args.warmup}"
+          + rounds)
+    dtypes = [name for name, peak in peaks.items()
+              if fast_enough(name, peak, shape, batch, seq_len, args.max_step_seconds)]
+    if not dtypes:
+        return
+    rows = [(impl, dtype_name, mode)
+            for dtype_name in dtypes for mode in args.modes.split(",") for impl in ("ours", "HF")]
+    rows.append(("train_gpt2", "", ""))
+    results: dict[tuple, list[dict]] = {row: [] for row in rows}
+    for round_index in range(args.rounds):
+        for row in rows if round_index % 2 == 0 else rows[::-1]:
+            result = run_apart(config_name, *row, args.steps, args.warmup)
+            results[row].append(result)
+            if args.rounds == 1:
+                report_row(row, [result], model_flops_per_token(shape, seq_len), peaks)
+    if args.rounds > 1:
+        for row in rows:
+            report_row(row, results[row], model_flops_per_token(shape, seq_len), peaks)
+    speed = {row: statistics.median(r["tokens_per_second"] for r in results[row]) for row in rows}
+    best = {impl: max((row for row in rows[:-1] if row[0] == impl), key=speed.get) for impl in ("ours", "HF")}
+    own = speed[rows[-1]]
+    print(f"  train_gpt2.py with its defaults: {own:9.1f} tokens/s, {own / speed[best['ours']]:.2f} of best ours "
+          f"(goal: within 10%)")
+    goal = 1.5 if config_name == "small" else 1.2
+    print(f"  best ours ({' '.join(best['ours'][1:])}) / best HF ({' '.join(best['HF'][1:])}) = "
+          f"{speed[best['ours']] / speed[best['HF']]:.2f}x (goal {goal}x)")
+
+
+def report_row(row: tuple, results: list[dict], step_flops_per_token: float, peaks: dict[str, float]) -> None:
+    """One line for a row of ours or HF: its median tokens/s (and their range over rounds), MFU, warm-up."""
+    impl, dtype_name, mode = row
+    if impl == "train_gpt2":
+        return  # reported with the ratios
+    speeds = sorted(r["tokens_per_second"] for r in results)
+    tps = statistics.median(speeds)
+    spread = f" ({speeds[0]:.0f}-{speeds[-1]:.0f})" if len(speeds) > 1 else ""
+    mfu = step_flops_per_token * tps / peaks[dtype_name]
+    warmup = statistics.median(r["warmup_seconds"] for r in results)
+    print(f"  {impl:4} {dtype_name + ' ' + mode:18} {tps:9.1f} tokens/s{spread}  MFU {100 * mfu:5.1f}%  "
+          f"(warm-up incl. compile {warmup:6.1f} s)", flush=True)
 
 if __name__ == "__main__":
     main()
