@@ -8,7 +8,8 @@ One training step is what train_gpt2.py does per micro-batch and optimizer step:
 loss, backward, gradient clipping at 1.0, fused AdamW. bf16 means autocast over float32 weights, as
 in training. Both models hold the same weights and see the same batches; HF runs with sdpa attention.
 Both run with glibc's malloc keeping freed memory, as the trainers set it on a CPU.
-MFU is against the matmul peak of the same dtype, measured here in the same run (core/mfu.py).
+MFU is against the matmul peak of the same dtype, measured in each row's process right after its
+steps (core/mfu.py).
 Configs: GPT-2 124M at T=1024, and a small one (4 layers, 256 wide, T=256, B=8). Last, per config, what
 train_gpt2.py itself reaches with its defaults on the same shape (its metrics' tokens_per_second).
 Each of these runs in a process of its own: in one process, a run's speed depended on what ran before
@@ -152,7 +153,10 @@ def run_one(config_name: str, impl: str, dtype_name: str, mode: str, steps: int,
     model = ours if impl == "ours" else reference
     step = train_step(model, impl == "HF", DTYPES[dtype_name], compiled=mode == "compiled")
     warmup_seconds, seconds = measure(step, batches, warmup)
-    return {"tokens_per_second": batch * seq_len / seconds, "warmup_seconds": warmup_seconds}
+    # The peak again, right after the steps: a shared machine's speed drifts, and a peak measured once
+    # at the start gave MFUs over 100% to rows that ran in a faster minute.
+    peak = measured_peak(torch.device("cpu"), DTYPES[dtype_name], seconds=1.0)
+    return {"tokens_per_second": batch * seq_len / seconds, "warmup_seconds": warmup_seconds, "peak": peak}
 
 
 def run_apart(*row: object) -> dict:
@@ -188,7 +192,8 @@ def main() -> None:
     print("each row in a process of its own; glibc malloc " + ("keeps freed memory, as in train_gpt2.py" if keeps
           else "as the caller set it up, or not glibc's") + " (core.devices.keep_freed_memory)")
     peaks = {name: measured_peak(torch.device("cpu"), DTYPES[name], seconds=2.0) for name in args.dtypes.split(",")}
-    print("matmul peak measured here: " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
+    print("matmul peak measured here: " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items())
+          + "; each row's MFU is against the peak its process measured after its steps")
     for config_name in args.configs.split(","):
         bench_config(config_name, peaks, args)
 
@@ -213,10 +218,10 @@ def bench_config(config_name: str, peaks: dict[str, float], args: argparse.Names
             result = run_apart(config_name, *row, args.steps, args.warmup)
             results[row].append(result)
             if args.rounds == 1:
-                report_row(row, [result], model_flops_per_token(shape, seq_len), peaks)
+                report_row(row, [result], model_flops_per_token(shape, seq_len))
     if args.rounds > 1:
         for row in rows:
-            report_row(row, results[row], model_flops_per_token(shape, seq_len), peaks)
+            report_row(row, results[row], model_flops_per_token(shape, seq_len))
     speed = {row: statistics.median(r["tokens_per_second"] for r in results[row]) for row in rows}
     best = {impl: max((row for row in rows[:-1] if row[0] == impl), key=speed.get) for impl in ("ours", "HF")}
     own = speed[rows[-1]]
@@ -227,15 +232,16 @@ def bench_config(config_name: str, peaks: dict[str, float], args: argparse.Names
           f"{speed[best['ours']] / speed[best['HF']]:.2f}x (goal {goal}x)")
 
 
-def report_row(row: tuple, results: list[dict], step_flops_per_token: float, peaks: dict[str, float]) -> None:
-    """One line for a row of ours or HF: its median tokens/s (and their range over rounds), MFU, warm-up."""
+def report_row(row: tuple, results: list[dict], step_flops_per_token: float) -> None:
+    """One line for a row of ours or HF: its median tokens/s (and their range over rounds), MFU against
+    the peak its own process measured after its steps, warm-up."""
     impl, dtype_name, mode = row
     if impl == "train_gpt2":
         return  # reported with the ratios
     speeds = sorted(r["tokens_per_second"] for r in results)
     tps = statistics.median(speeds)
     spread = f" ({speeds[0]:.0f}-{speeds[-1]:.0f})" if len(speeds) > 1 else ""
-    mfu = step_flops_per_token * tps / peaks[dtype_name]
+    mfu = statistics.median(step_flops_per_token * r["tokens_per_second"] / r["peak"] for r in results)
     warmup = statistics.median(r["warmup_seconds"] for r in results)
     print(f"  {impl:4} {dtype_name + ' ' + mode:18} {tps:9.1f} tokens/s{spread}  MFU {100 * mfu:5.1f}%  "
           f"(warm-up incl. compile {warmup:6.1f} s)", flush=True)
