@@ -6,12 +6,14 @@ The GPT-2 124M config with random weights, on the first examples of every task o
 default the developers' 18-task slice beside the checkout): ours (each example's candidates packed
 over their shared prefix, similar lengths batched, the head only on the scored positions) in float32
 and bfloat16, and the plain reference (tests/core_reference.py: every candidate through its own
-forward pass, the head over every position) in float32 on the same weights, in the same run.
+forward pass, the head over every position, on a copy of the model without core/matmul.py's opt-in)
+in float32 on the same weights, in the same run.
 Float32 decisions must be identical.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from pathlib import Path
@@ -46,6 +48,7 @@ def main() -> None:
     tasks = read_tasks(args.bundle)
     torch.manual_seed(0)
     model = GPT(GPTConfig()).to(device).eval()
+    plain_model = copy.deepcopy(model)  # the reference's: nn.Linear as it is
     use_measured_matmuls(model)  # as evaluate.py does
     context = model.config.block_size
 
@@ -58,7 +61,7 @@ def main() -> None:
 
     @torch.inference_mode()
     def logits_of(tokens: list[int]) -> torch.Tensor:
-        return model(torch.tensor([tokens], device=device))[0][0, :, : model.config.vocab_size]
+        return plain_model(torch.tensor([tokens], device=device))[0][0, :, : model.config.vocab_size]
 
     start = time.perf_counter()
     reference = []
