@@ -52,6 +52,7 @@ except ImportError:  # Windows: no lock; concurrent first uses may then measure 
     fcntl = None
 
 FORMULATIONS = ("linear", "transposed", "packed")
+ONEDNN = torch.backends.mkldnn.is_available()  # whether this build of torch has oneDNN: `packed` needs it
 # Another formulation must beat F.linear by this factor to be chosen: a near tie is not worth a
 # product that may round differently from F.linear.
 MARGIN = 1.1
@@ -119,11 +120,11 @@ def forced_choice() -> str | None:
 def _choose(shape: tuple, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
     """This product's formulation: as GPT2_TOOLKIT_MATMUL says, else as measured here; `linear`
     where the chosen one cannot run on these operands."""
-    usable = usable_formulations(x2d, weight)
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    usable = usable_formulations(x2d, weight, autocast)
     forced = forced_choice()
     if forced is not None:
         return forced if forced in usable else "linear"
-    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     key = (*shape, autocast, torch.get_num_threads())
     formulation = _decisions.get(key)  # a tuple: this runs at every product, so no string, no file
     if formulation is None:
@@ -131,12 +132,13 @@ def _choose(shape: tuple, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return formulation if formulation in usable else "linear"
 
 
-def usable_formulations(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, ...]:
-    """The formulations that compute F.linear(x, weight) here. oneDNN's product knows nothing of
-    autocast (it would multiply in the inputs' dtype, not autocast's) and runs float32 and bfloat16
-    only; an inference tensor has no version counter, so its copy could not be kept up to date."""
-    packable = (torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
-                and x.dtype == weight.dtype in (torch.float32, torch.bfloat16) and not weight.is_inference())
+def usable_formulations(x: torch.Tensor, weight: torch.Tensor, autocast: torch.dtype | None) -> tuple[str, ...]:
+    """The formulations that compute F.linear(x, weight) here, under `autocast` (its dtype, or None).
+    oneDNN's product knows nothing of autocast (it would multiply in the inputs' dtype, not
+    autocast's) and runs float32 and bfloat16 only; an inference tensor has no version counter, so
+    its copy could not be kept up to date."""
+    packable = (ONEDNN and autocast is None and x.dtype == weight.dtype in (torch.float32, torch.bfloat16)
+                and not weight.is_inference())
     return FORMULATIONS if packable else FORMULATIONS[:2]
 
 
