@@ -28,28 +28,18 @@ measures nothing: numbers that do not depend on this machine's timings, which is
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from core.atomic import write_file_atomically
-from core.cache import cache_dir
+from core.cache import measured_once
 from core.devices import cpu_name
 from core.errors import UserError
-
-try:
-    import fcntl
-except ImportError:  # Windows: no lock; concurrent first uses may then measure twice
-    fcntl = None
 
 FORMULATIONS = ("linear", "transposed", "packed")
 ONEDNN = torch.backends.mkldnn.is_available()  # whether this build of torch has oneDNN: `packed` needs it
@@ -128,7 +118,8 @@ def _choose(shape: tuple, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.T
     key = (*shape, autocast, torch.get_num_threads())
     formulation = _decisions.get(key)  # a tuple: this runs at every product, so no string, no file
     if formulation is None:
-        formulation = _decisions[key] = _decide(_file_key(*key), x2d[:MEASURED_ROWS], weight, bias, usable)
+        measure = functools.partial(fastest_formulation, x2d[:MEASURED_ROWS], weight, bias, usable)
+        formulation = _decisions[key] = measured_once(DECISIONS_FILE, _file_key(*key), FORMULATIONS, measure)
     return formulation if formulation in usable else "linear"
 
 
@@ -200,41 +191,6 @@ def fastest_formulation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                 best[name] = min(best[name], time.perf_counter() - start)
     fastest = min(best, key=best.get)
     return fastest if best[fastest] * MARGIN < best["linear"] else "linear"
-
-
-def _decide(key: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            usable: tuple[str, ...]) -> str:
-    """The machine's answer for `key`: from the decisions file, else measured now and added to it."""
-    path = cache_dir() / DECISIONS_FILE
-    try:
-        with _locked(path):
-            decisions = _read(path)
-            if key not in decisions:
-                decisions[key] = fastest_formulation(x, weight, bias, usable)
-                write_file_atomically(path, (json.dumps(decisions, indent=1, sort_keys=True) + "\n").encode())
-            return decisions[key]
-    except OSError:  # no writable cache folder: measured for this process only
-        return fastest_formulation(x, weight, bias, usable)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        yield
-
-
-def _read(path: Path) -> dict[str, str]:
-    """The file's decisions; a damaged one, or one that names no formulation, is measured again."""
-    try:
-        decisions = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or damaged: measure again
-        return {}
-    if not isinstance(decisions, dict):
-        return {}
-    return {key: value for key, value in decisions.items() if value in FORMULATIONS}
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
