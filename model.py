@@ -98,7 +98,9 @@ class KVCache:
     Python int and attention reads exactly the positions cached so far. A static cache keeps every
     shape the same from step to step, which a compiled decode step (and a CUDA graph) needs, as in
     gpt-fast: `pos` is a tensor on the device, new keys and values are written at it, and attention
-    reads all `max_len` positions under a mask that hides those not written yet.
+    reads all `max_len` positions under a mask that hides those not written yet. The cache's `dtype`
+    may be wider than the model's: the new keys and values are widened as they are written, and
+    attention runs in that dtype.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
@@ -131,8 +133,8 @@ class KVCache:
         k_cache, v_cache = self.k[layer], self.v[layer]  # (B, nh, max_len, hs)
         if self.static:
             index = self.pos + torch.arange(k.size(2), device=k.device)
-            k_cache[:, :, index] = k  # broadcasts a single row
-            v_cache[:, :, index] = v
+            k_cache[:, :, index] = k.to(k_cache.dtype)  # broadcasts a single row; index_put_ does not cast
+            v_cache[:, :, index] = v.to(v_cache.dtype)
             return k_cache[: k.size(0)], v_cache[: k.size(0)]
         end = self.pos + k.size(2)
         k_cache[:, :, self.pos:end] = k
@@ -176,9 +178,11 @@ class CausalSelfAttention(nn.Module):
             is_causal = T > 1
         elif mask is None and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        # Attention runs in the dtype of the keys and values: a KV cache may keep them wider than the
+        # model computes (core/generation.py chooses), and then the queries are widened to match.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, nh, T, hs)
+            q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        ).to(q.dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -5,12 +5,17 @@ A decode step runs a few hundred small ops around its matmuls; `compiled=True` r
 torch.compile'd graph over a static KV cache instead (gpt-fast's recipe), and on CUDA as a CUDA graph.
 Compiling takes seconds to minutes: `compile_decode_step` does it ahead, on the cache that the
 generation will then use, so that no tokens/s figure counts it.
+
+An eager generation's KV cache keeps its keys and values in the model's dtype or in float32, whichever
+this machine attends faster in (`kv_cache_dtype`): on some CPUs, flash attention of one bfloat16 query
+runs well behind float32's (the README's benchmark tables give figures, with the machines named).
 """
 
 from __future__ import annotations
 
 import codecs
 import functools
+import os
 import time
 import warnings
 import weakref
@@ -18,9 +23,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from core.devices import synchronize
+from core.cache import measured_once
+from core.devices import cpu_name, synchronize
+from core.errors import UserError
 from model import GPT, KVCache
+
+# GPT2_TOOLKIT_KV_CACHE=model or =float32 takes that dtype for every eager KV cache and measures
+# nothing (what the tests run with); by default each shape is measured once per machine.
+KV_CACHE_DTYPES = ("model", "float32")
+KV_CACHE_FILE = "kv_cache_dtypes.json"
+# float32 must attend faster by this factor to be chosen: it costs the cache's memory twice over.
+KV_CACHE_MARGIN = 1.1
 
 
 @dataclass(frozen=True)
@@ -155,6 +170,45 @@ def compile_decode_step(model: GPT, num_samples: int, prompt_length: int, max_ne
     return time.perf_counter() - start
 
 
+def kv_cache_dtype(model: GPT, num_samples: int, positions: int) -> torch.dtype:
+    """The dtype of the KV cache of an eager generation of `num_samples` rows over `positions`: the
+    model's, or on a CPU float32 where one query attends faster in it (the model then widens its
+    queries to match). Measured once per machine and shape and kept in the cache folder, since the
+    two round differently: two runs with one seed must sample alike."""
+    dtype = model.transformer.wte.weight.dtype
+    if model.device.type != "cpu" or dtype == torch.float32:
+        return dtype
+    setting = os.environ.get("GPT2_TOOLKIT_KV_CACHE", "measure")
+    if setting == "measure":
+        config = model.config
+        length = static_cache_length(positions, config.block_size)  # one measurement per power of two
+        key = (f"{cpu_name()} | torch {torch.__version__}, {torch.get_num_threads()} threads | {num_samples} rows x "
+               f"{config.n_head} heads x {config.head_dim}, {length} positions, {dtype}")
+        measure = functools.partial(faster_attention_dtype, num_samples, config.n_head, config.head_dim, length, dtype)
+        setting = measured_once(KV_CACHE_FILE, key, KV_CACHE_DTYPES, measure)
+    elif setting not in KV_CACHE_DTYPES:
+        raise UserError(f"GPT2_TOOLKIT_KV_CACHE={setting!r}: choose measure, {', '.join(KV_CACHE_DTYPES)}")
+    return torch.float32 if setting == "float32" else dtype
+
+
+@torch.inference_mode()
+def faster_attention_dtype(rows: int, heads: int, head_dim: int, length: int, dtype: torch.dtype) -> str:
+    """"float32" if one query attends over `length` cached positions faster in float32 than in `dtype`
+    (by KV_CACHE_MARGIN), as the model computes it: queries widened, the result narrowed; else "model".
+    The best of a few calls each, interleaved so that a burst of load from elsewhere hits both alike."""
+    keys = {name: torch.randn(rows, heads, length, head_dim, dtype=cache_dtype)
+            for name, cache_dtype in (("model", dtype), ("float32", torch.float32))}
+    query = torch.randn(rows, heads, 1, head_dim, dtype=dtype)
+    best = dict.fromkeys(keys, float("inf"))
+    for call in range(6):  # call 0 warms up
+        for name, k in keys.items():
+            start = time.perf_counter()
+            F.scaled_dot_product_attention(query.to(k.dtype), k, k).to(dtype)
+            if call > 0:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return "float32" if best["float32"] * KV_CACHE_MARGIN < best["model"] else "model"
+
+
 @torch.inference_mode()
 def stream_tokens(model: GPT, prompt: list[int], num_samples: int, max_new_tokens: int, sampling: Sampling,
                   generator: torch.Generator | None = None, stop_token: int | None = None,
@@ -178,7 +232,8 @@ def stream_tokens(model: GPT, prompt: list[int], num_samples: int, max_new_token
     if compiled:
         cache = static_cache(model, num_samples, positions)
     else:
-        cache = KVCache(model.config, num_samples, positions, device=device, dtype=model.transformer.wte.weight.dtype)
+        cache = KVCache(model.config, num_samples, positions, device=device,
+                        dtype=kv_cache_dtype(model, num_samples, positions))
     step = _compiled_decode_step(device.type) if compiled else decode_step
     # The prompt is the same for every sample: prefill it once, at batch 1; KVCache.update copies
     # its keys and values into every row, and its logits serve every sample's first draw.

@@ -13,8 +13,9 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from core import matmul
+from core import generation, matmul
 from core.checkpoint import save_checkpoint
+from core.errors import UserError
 from core.generation import (
     Sampling,
     TextStream,
@@ -23,6 +24,7 @@ from core.generation import (
     decode_step,
     fit_to_context,
     generate,
+    kv_cache_dtype,
     sample_next,
     static_cache_length,
 )
@@ -207,6 +209,58 @@ def test_bfloat16_greedy_equals_float32_greedy_where_margins_are_wide() -> None:
     assert generate(model.to(torch.bfloat16), prompt, 2, 20, Sampling(greedy=True)) == [expected] * 2
     rows = generate(model, prompt, 3, 20, Sampling(top_p=0.9), generator=torch.Generator().manual_seed(0))
     assert all(len(row) == 20 and max(row) < 16 for row in rows)
+
+
+def decoded_logits(model: GPT, tokens: list[int], cache: KVCache) -> torch.Tensor:
+    """The (len(tokens), padded vocab) logits of `tokens` fed one at a time through `cache`."""
+    with torch.inference_mode():
+        return torch.cat([decode_step(model, torch.tensor([[token]]), cache) for token in tokens])
+
+
+def test_a_float32_cache_serves_a_bfloat16_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention runs in the cache's float32 (the model widens its queries): its logits are the
+    float32 model's, as near as the bf16 model's own recomputed logits are, eagerly and over a static
+    cache alike."""
+    model = small_model().to(torch.bfloat16)
+    tokens = [5, 17, 42, 3, 60, 8, 11, 90, 23, 1]
+    with torch.inference_mode():
+        expected = small_model()(torch.tensor([tokens]))[0][0]  # (T, V): the float32 model, no cache
+        bfloat16_error = (model(torch.tensor([tokens]))[0][0].float() - expected).abs().max()
+    eager = KVCache(model.config, 1, len(tokens), dtype=torch.float32)
+    static = KVCache(model.config, 1, 64, dtype=torch.float32, static=True)  # index_put_ must widen
+    for cache in (eager, static):
+        logits = decoded_logits(model, tokens, cache)
+        assert cache.k[0].dtype == torch.float32 and logits.dtype == torch.bfloat16
+        assert (logits.float() - expected).abs().max() <= 1.5 * bfloat16_error
+    # generate() keeps its cache in the dtype that kv_cache_dtype gives
+    monkeypatch.setenv("GPT2_TOOLKIT_KV_CACHE", "float32")
+    caches: list[KVCache] = []
+    monkeypatch.setattr(generation, "KVCache", lambda *args, **kwargs: caches.append(KVCache(*args, **kwargs))
+                        or caches[-1])
+    assert kv_cache_dtype(model, 2, 20) == torch.float32
+    generate(model, tokens[:4], 2, 5, Sampling(greedy=True))
+    assert [cache.k[0].dtype for cache in caches] == [torch.float32]
+
+
+def test_the_kv_cache_dtype_is_measured_once_per_length_class_and_kept(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    monkeypatch.setenv("GPT2_TOOLKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("GPT2_TOOLKIT_KV_CACHE", "measure")
+    assert generation.faster_attention_dtype(2, 2, 16, 64, torch.bfloat16) in generation.KV_CACHE_DTYPES
+    measured: list[tuple] = []
+    monkeypatch.setattr(generation, "faster_attention_dtype", lambda *shape: measured.append(shape) or "float32")
+    model = small_model(block_size=256).to(torch.bfloat16)
+    assert [kv_cache_dtype(model, 3, positions) for positions in (10, 40, 100, 200)] == [torch.float32] * 4
+    assert measured == [(3, 2, 16, length, torch.bfloat16) for length in (64, 128, 256)]
+    assert set(json.loads((tmp_path / generation.KV_CACHE_FILE).read_text()).values()) == {"float32"}
+    monkeypatch.setattr(generation, "faster_attention_dtype", lambda *shape: pytest.fail("measured again"))
+    assert kv_cache_dtype(model, 3, 50) == torch.float32  # a later process reads the file
+    assert kv_cache_dtype(model.float(), 3, 50) == torch.float32  # nothing to widen: no measurement
+    monkeypatch.setenv("GPT2_TOOLKIT_KV_CACHE", "model")
+    assert kv_cache_dtype(model.to(torch.bfloat16), 3, 50) == torch.bfloat16
+    monkeypatch.setenv("GPT2_TOOLKIT_KV_CACHE", "float16")
+    with pytest.raises(UserError, match="GPT2_TOOLKIT_KV_CACHE='float16': choose measure, model, float32"):
+        kv_cache_dtype(model, 3, 50)
 
 
 def test_generation_restores_training_mode() -> None:
