@@ -8,7 +8,8 @@ ceiling, the step's own small matmuls timed alone, was passed 7x by a faster bf1
 bytes of the weights over the memory-read bandwidth; and prints each generator as a fraction of both.
 
 Ours runs twice: eagerly, and with its compiled decode step (`sample.py --compile`), whose compile
-time is reported apart.
+time is reported apart. A last row times a step's weight products alone, as ours computes them: how far
+the products are from the bandwidth ceiling, and how much the rest of the step costs.
 
 The GPT-2 124M config with random weights (speed does not depend on their values), 5 samples of
 128 new tokens from an 8-token prompt, top-k 50 sampling at temperature 1. The same weights run
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
 from core.cli import StageParser
 from core.devices import dtype_name, keep_freed_memory, resolve_device, resolve_dtype, synchronize
-from core.generation import Sampling, compile_decode_step, generate, sample_next
+from core.generation import Sampling, cached_positions, compile_decode_step, generate, kv_cache_dtype, sample_next
 from core.hf import config_to_hf, state_dict_to_hf
 from core.matmul import use_measured_matmuls
 from core.mfu import measured_peak
@@ -91,6 +92,23 @@ def read_bandwidth(device: torch.device, nbytes: int = 2**29) -> float:
     return nbytes / min(times[1:])
 
 
+@torch.inference_mode()
+def products_alone(model: GPT, repeats: int = 10) -> float:
+    """New tokens/s of a decode step that did its weight products and nothing else, as ours computes
+    them (every linear layer, in the model's order, on NUM_SAMPLES rows): the rest of ours' step costs
+    the gap between this and ours; this one's gap to the bandwidth ceiling is the products' own."""
+    layers = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    inputs = [torch.randn(NUM_SAMPLES, layer.in_features, device=model.device, dtype=model.dtype) for layer in layers]
+    times = []
+    for _ in range(repeats + 1):  # the first warms up
+        start = time.perf_counter()
+        for layer, x in zip(layers, inputs, strict=True):
+            layer(x)
+        synchronize(model.device)
+        times.append(time.perf_counter() - start)
+    return NUM_SAMPLES / statistics.median(times[1:])
+
+
 def tokens_per_second(run: Callable[[], list[list[int]]], repeats: int) -> float:
     run()  # warm-up: allocator, kernels, lazy initialisation
     times = []
@@ -121,11 +139,14 @@ def main() -> None:
     print(describe_hardware())
     print(f"GPT-2 124M, {dtype}, {device}: {NUM_SAMPLES} samples x {NEW_TOKENS} new tokens from "
           f"{len(PROMPT)} prompt tokens, top-k {TOP_K}, median of {args.repeats}")
+    cache_dtype = kv_cache_dtype(model, NUM_SAMPLES, cached_positions(len(PROMPT), NEW_TOKENS))
+    print(f"ours keeps its eager KV cache in {dtype_name(cache_dtype)} (core/generation.py measured it so)")
     ours_tps = tokens_per_second(lambda: ours(model), args.repeats)
     compile_seconds = compile_decode_step(model, NUM_SAMPLES, len(PROMPT), NEW_TOKENS)
     compiled_tps = tokens_per_second(lambda: ours(model, compiled=True), args.repeats)
     hf_tps = tokens_per_second(lambda: hf_generate(reference), args.repeats)
     no_cache_tps = tokens_per_second(lambda: no_cache(model), max(1, args.repeats // 2))
+    products_tps = products_alone(model)
     peak = measured_peak(device, dtype)
     matmul_ceiling = peak / decode_flops(model)  # every sample's token at the dtype's measured matmul peak
     bandwidth = read_bandwidth(device)
@@ -134,9 +155,9 @@ def main() -> None:
           f"({peak / 1e9:.0f} GFLOP/s) {matmul_ceiling:8.1f} new tokens/s; {weight_bytes(model) / 1e6:.0f} MB of "
           f"weights at {bandwidth / 1e9:.1f} GB/s read {bandwidth_ceiling:8.1f}")
     rows = (("ours, eager", ours_tps), ("ours, compiled step", compiled_tps), ("HF generate", hf_tps),
-            ("no cache (recompute)", no_cache_tps))
+            ("no cache (recompute)", no_cache_tps), ("ours' products alone", products_tps))
     for name, tps in rows:
-        print(f"{name:20} {tps:8.1f} new tokens/s   {tps / matmul_ceiling:6.1%} of the matmul ceiling, "
+        print(f"{name:21} {tps:8.1f} new tokens/s   {tps / matmul_ceiling:6.1%} of the matmul ceiling, "
               f"{tps / bandwidth_ceiling:6.1%} of the bandwidth ceiling")
     best = max(ours_tps, compiled_tps)
     print(f"the compiled step took {compile_seconds:.1f} s to compile and warm up, before its timing")
