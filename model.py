@@ -180,11 +180,15 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
         # Attention runs in the dtype of the keys and values: a KV cache may keep them wider than the
         # model computes (core/generation.py chooses), and then the queries are widened to match.
-        y = F.scaled_dot_product_attention(
-            q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-        ).to(q.dtype)  # (B, nh, T, hs)
+        y = self.attend(q.to(k.dtype), k, v, mask, is_causal).to(q.dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               is_causal: bool) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hs) + mask) v of (B, nh, T, hs) queries over (B, nh, S, hs) keys and values."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              dropout_p=self.dropout if self.training else 0.0)
 
 
 class MLP(nn.Module):

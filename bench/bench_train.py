@@ -38,6 +38,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
+from core.attention import use_measured_attention
 from core.cli import StageParser
 from core.devices import keep_freed_memory
 from core.hf import config_to_hf, state_dict_to_hf
@@ -69,6 +70,7 @@ def make_models(shape: dict) -> tuple[GPT, GPT2LMHeadModel]:
         setattr(hf_config, name, 0.0)
     reference = GPT2LMHeadModel(hf_config)
     reference.load_state_dict(state_dict_to_hf(ours), strict=False)  # strict=False: tied lm_head
+    use_measured_attention(ours)  # as train_gpt2.py does on a CPU (core/attention.py)
     return ours.train(), reference.train()
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from core.attention import use_measured_attention
 from core.checkpoint import save_checkpoint
 from core.config import FinetuneConfig, TrainConfig, to_toml
 from core.devices import dtype_name, enable_tf32, keep_freed_memory, resolve_dtype, settle_cpu_threads
@@ -111,9 +112,11 @@ class TrainingRun:
         return self.distributed.world_size
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module that trains: compiled, then DDP-wrapped. Evaluation, sampling and saving use the
-        raw model, which shares its weights: shape-changing eval never recompiles the compiled module
+        """The module that trains: compiled, then DDP-wrapped; on a CPU, its attention measured first
+        (core/attention.py). Evaluation, sampling and saving use the raw model, which shares its
+        weights: shape-changing eval never recompiles the compiled module
         (build-nanogpt #79), and saved names never carry `_orig_mod.` or `module.`."""
+        use_measured_attention(model)  # on a CPU: the faster attention formulation here (core/attention.py)
         wrapped = model
         if self.compile:
             wrapped = torch.compile(wrapped, mode=self.compile_mode)

@@ -347,27 +347,31 @@ def test_ddp_with_accumulation_equals_one_process(shakespeare_shards: Path, tmp_
     assert [r["loss"] for r in records(tmp_path / "ddp", "train")] == pytest.approx(single_losses, abs=1e-5)
 
 
-@pytest.mark.parametrize(("processes", "dtype", "optimizer"), [
-    (1, "float32", "adamw"), (1, "bfloat16", "adamw"), (2, "float32", "adamw"), (2, "bfloat16", "adamw"),
-    (1, "float32", "muon"),  # Muon over 2 ranks: test_ddp_with_accumulation_equals_one_process
+@pytest.mark.parametrize(("processes", "dtype", "optimizer", "attention"), [
+    (1, "float32", "adamw", "flash"), (1, "bfloat16", "adamw", "flash"), (2, "float32", "adamw", "flash"),
+    (2, "bfloat16", "adamw", "flash"),
+    (1, "float32", "muon", "flash"),  # Muon over 2 ranks: test_ddp_with_accumulation_equals_one_process
+    (1, "bfloat16", "adamw", "blocks"),  # core/attention.py's other formulation, which runs without dropout
 ], ids=lambda value: {1: "one-process", 2: "torchrun-2"}.get(value, value))
 def test_killed_run_resumes_exactly(shakespeare_shards: Path, tmp_path: Path, launcher: Path, processes: int,
-                                    dtype: str, optimizer: str) -> None:
+                                    dtype: str, optimizer: str, attention: str) -> None:
     """12 steps straight equal 6 steps, SIGKILL right after the step-6 checkpoint, then --resume auto: bitwise,
     with shuffling and dropout on, so the data position and every random state must come back; in either dtype
-    --dtype auto may pick (bfloat16 on a CPU with bfloat16 units), and with Muon's momentum (and WSD)."""
+    --dtype auto may pick (bfloat16 on a CPU with bfloat16 units), with Muon's momentum (and WSD), and with
+    either attention formulation a CPU may measure faster."""
+    dropout = "0.1" if attention == "flash" else "0"
     common = ["--total-batch-size", str(256 * processes), "--max-steps", "12", "--checkpoint-interval", "6",
-              "--shuffle", "true", "--dropout", "0.1", "--val-tokens", "1024", "--eval-interval", "4",
+              "--shuffle", "true", "--dropout", dropout, "--val-tokens", "1024", "--eval-interval", "4",
               "--dtype", dtype, "--peak-flops", "1e12", "--optimizer", optimizer]
-    straight = train(shakespeare_shards, tmp_path / "straight", *common, torchrun=processes if processes > 1 else 0)
+    torchrun, env = processes if processes > 1 else 0, {"GPT2_TOOLKIT_ATTENTION": attention}
+    straight = train(shakespeare_shards, tmp_path / "straight", *common, torchrun=torchrun, env=env)
     assert straight.returncode == 0, straight.stderr
     killed_log = tmp_path / "killed"
     killed = run_script(launcher, "kill-after-step-6", "-", "--data-dir", str(shakespeare_shards), "--log-dir",
-                        str(killed_log), *SMALL, *common, cwd=tmp_path, torchrun=processes if processes > 1 else 0)
+                        str(killed_log), *SMALL, *common, cwd=tmp_path, torchrun=torchrun, env=env)
     assert killed.returncode != 0
     assert [path.name for path in (killed_log / "checkpoints").iterdir()] == ["step_000006"]
-    resumed = train(shakespeare_shards, killed_log, *common, "--resume", "auto",
-                    torchrun=processes if processes > 1 else 0)
+    resumed = train(shakespeare_shards, killed_log, *common, "--resume", "auto", torchrun=torchrun, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout and "at step 6" in resumed.stdout
     for name, tensor in final_weights(tmp_path / "straight", 12).items():

@@ -1,0 +1,135 @@
+"""An opt-in speed-up for a CPU: causal self-attention in whichever of two formulations runs faster
+on this machine, measured once per shape. Training on a CPU applies it (`TrainingRun.wrap`), as do
+hellaswag.py and evaluate.py (`core.scoring.load_model_to_score`); the model itself computes
+F.scaled_dot_product_attention, and nothing else changes.
+
+The formulations of softmax(q k^T / sqrt(hs) + causal mask) v:
+- `flash`: F.scaled_dot_product_attention, as the model computes it: on a CPU, ATen's flash kernel.
+- `blocks`: the scores written out for each block of BLOCK queries against the keys up to the
+  block's last position, a masked softmax, and the product with the values, differentiated by
+  autograd. Its products are GEMMs large enough for the CPU BLAS, and the blocks skip most of the
+  masked half of the scores. It keeps each block's probabilities for the backward pass (batch x heads
+  x about T^2 / 2 entries a layer, in the products' dtype), which the flash kernel does not, and it
+  rounds them to that dtype (bfloat16 under autocast) before the product with the values, as HF's
+  eager attention does.
+Which one wins depends on the processor, the dtype and the shape (the README's benchmark tables give
+figures, with the machines named).
+
+The two round differently, and a resumed run or the other ranks of a torchrun must compute what the
+first process did: each answer is measured once per machine and kept in the cache folder
+(`attention_formulations.json`), as core/matmul.py keeps its own. Code being compiled cannot time
+anything and takes `flash`, as does attention under a mask of its own or with dropout.
+GPT2_TOOLKIT_ATTENTION=flash (or =blocks) takes that formulation everywhere and measures nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.cache import measured_once
+from core.devices import cpu_name
+from core.errors import UserError
+from model import CausalSelfAttention
+
+FORMULATIONS = ("flash", "blocks")
+BLOCK = 256  # queries a block: larger blocks make larger products, and skip less of the masked half
+# `blocks` must beat `flash` by this factor to be chosen: a near tie is not worth the memory it keeps.
+MARGIN = 1.1
+TIMED_CALLS = 2
+DECISIONS_FILE = "attention_formulations.json"
+
+_decisions: dict[tuple, str] = {}  # this process's copy of the machine's answers
+
+
+def use_measured_attention(model: nn.Module) -> None:
+    """On a CPU, every attention layer of `model` attends through `causal_attention` from now on
+    (weights and names unchanged). Elsewhere nothing changes."""
+    if next(model.parameters()).device.type != "cpu":
+        return
+    for module in model.modules():
+        if type(module) is CausalSelfAttention:
+            module.__class__ = MeasuredAttention
+
+
+class MeasuredAttention(CausalSelfAttention):
+    """CausalSelfAttention whose causal attention without dropout takes the faster formulation here."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               is_causal: bool) -> torch.Tensor:
+        if mask is not None or not is_causal or (self.training and self.dropout > 0) or q.size(2) != k.size(2):
+            return super().attend(q, k, v, mask, is_causal)
+        return causal_attention(q, k, v)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs), causal) v for (B, nh, T, hs) q, k, v, in the faster formulation."""
+    if q.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    formulation = _choose(q, k, v)
+    if formulation == "blocks":
+        return blockwise_causal_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def blockwise_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The `blocks` formulation: each block of BLOCK queries against the keys up to its last one."""
+    T = q.size(2)
+    scale = q.size(-1) ** -0.5
+    outputs = []
+    for start in range(0, T, BLOCK):
+        end = min(T, start + BLOCK)
+        scores = (q[:, :, start:end] @ k[:, :, :end].transpose(-1, -2)) * scale  # (B, nh, block, end)
+        future = torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu(start + 1)
+        probabilities = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        outputs.append(probabilities @ v[:, :, :end])
+    return torch.cat(outputs, dim=2)
+
+
+def forced_choice() -> str | None:
+    """GPT2_TOOLKIT_ATTENTION's formulation for every causal attention, or None: measure each shape."""
+    setting = os.environ.get("GPT2_TOOLKIT_ATTENTION", "measure")
+    if setting != "measure" and setting not in FORMULATIONS:
+        raise UserError(f"GPT2_TOOLKIT_ATTENTION={setting!r}: choose measure, {', '.join(FORMULATIONS)}")
+    return None if setting == "measure" else setting
+
+
+def _choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    forced = forced_choice()
+    if forced is not None:
+        return forced
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    key = (*q.shape, q.dtype, training, torch.get_num_threads())
+    formulation = _decisions.get(key)
+    if formulation is None:
+        B, nh, T, hs = q.shape
+        name = (f"{cpu_name()} | torch {torch.__version__}, {torch.get_num_threads()} threads | {B} x {nh} heads x "
+                f"{T} positions x {hs}, {q.dtype}, {'forward and backward' if training else 'forward'}")
+        formulation = _decisions[key] = measured_once(DECISIONS_FILE, name, FORMULATIONS,
+                                                      lambda: faster_formulation(q, training))
+    return formulation
+
+
+def faster_formulation(like: torch.Tensor, training: bool) -> str:
+    """Times both formulations on random operands shaped and typed like `like` (forward and backward
+    when `training`), the best of a few calls each, interleaved so that a burst of load from elsewhere
+    hits both alike; `flash` unless `blocks` wins by MARGIN."""
+    operands = [torch.randn(like.shape, dtype=like.dtype, device=like.device, requires_grad=training)
+                for _ in range(3)]
+    formulations = {"flash": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                    "blocks": blockwise_causal_attention}
+    best = dict.fromkeys(formulations, float("inf"))
+    with torch.set_grad_enabled(training):
+        for call in range(TIMED_CALLS + 1):  # call 0 warms up caches and the allocator
+            for name, attention in formulations.items():
+                start = time.perf_counter()
+                y = attention(*operands)
+                if training:
+                    torch.autograd.grad(y, operands, torch.ones_like(y))
+                if call > 0:
+                    best[name] = min(best[name], time.perf_counter() - start)
+    return "blocks" if best["blocks"] * MARGIN < best["flash"] else "flash"
