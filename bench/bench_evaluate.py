@@ -22,7 +22,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
-from core.attention import use_measured_attention
 from core.cli import StageParser
 from core.core_benchmark import evaluate_core, prepare_this_ranks_share, read_tasks
 from core.devices import keep_freed_memory, resolve_device
@@ -49,9 +48,8 @@ def main() -> None:
     tasks = read_tasks(args.bundle)
     torch.manual_seed(0)
     model = GPT(GPTConfig()).to(device).eval()
-    plain_model = copy.deepcopy(model)  # the reference's: nn.Linear and attention as they are
+    plain_model = copy.deepcopy(model)  # the reference's: nn.Linear as it is
     use_measured_matmuls(model)  # as evaluate.py does
-    use_measured_attention(model)
     context = model.config.block_size
 
     print(describe_hardware())

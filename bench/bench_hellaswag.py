@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
-from core.attention import use_measured_attention
 from core.cli import StageParser
 from core.devices import keep_freed_memory, resolve_device
 from core.evaluation import read_hellaswag, score_examples
@@ -50,9 +49,8 @@ def main() -> None:
     examples = read_hellaswag(args.data, get_tokenizer("gpt2"), limit=args.limit)
     torch.manual_seed(0)
     model = GPT(GPTConfig()).to(device).eval()
-    plain_model = copy.deepcopy(model)  # the reference's: nn.Linear and attention as they are, as in build-nanogpt
+    plain_model = copy.deepcopy(model)  # the reference's: nn.Linear as it is, as in build-nanogpt
     use_measured_matmuls(model)  # as hellaswag.py does
-    use_measured_attention(model)
 
     print(describe_hardware())
     print(f"GPT-2 124M (random weights) on {device}, {len(examples)} HellaSwag examples, batch size {args.batch_size}")

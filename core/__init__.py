@@ -10,7 +10,7 @@ One module per concept.
 - Using a model: `generation` (sampling, KV cache, the compiled decode step), `scoring` (the loss and
   greedy guess of many candidate continuations, packed), `evaluation` (HellaSwag), `core_benchmark`
   (CORE: DCLM's tasks, nanochat's prompts), `matmul` (an opt-in CPU speed-up for inference),
-  `attention` (an opt-in CPU speed-up for attention, in training and scoring).
+  `attention` (an opt-in CPU speed-up for attention in training).
 - Training: `training` (the run's set-up and the one optimizer step), `config` (settings from TOML and
   flags), `optim` (AdamW groups, Muon with AdamW, LR schedules), `muon` (the Muon optimizer), `resume`
   (training checkpoints, RNG states), `runlog` (logs and metrics), `mfu`, `plotting`, `multiple_choice`

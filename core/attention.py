@@ -1,7 +1,7 @@
-"""An opt-in speed-up for a CPU: causal self-attention in whichever of two formulations runs faster
-on this machine, measured once per shape. Training on a CPU applies it (`TrainingRun.wrap`), as do
-hellaswag.py and evaluate.py (`core.scoring.load_model_to_score`); the model itself computes
-F.scaled_dot_product_attention, and nothing else changes.
+"""An opt-in speed-up for training on a CPU: causal self-attention in whichever of two formulations
+runs faster on this machine, measured once per shape. The trainers apply it on a CPU
+(`TrainingRun.wrap`); the model itself computes F.scaled_dot_product_attention, and nothing else
+changes. (Scoring, which packs candidates under a mask of its own, would take `flash` anyway.)
 
 The formulations of softmax(q k^T / sqrt(hs) + causal mask) v:
 - `flash`: F.scaled_dot_product_attention, as the model computes it: on a CPU, ATen's flash kernel.
@@ -103,14 +103,18 @@ def _choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     if forced is not None:
         return forced
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    key = (*q.shape, q.dtype, training, torch.get_num_threads())
+    B, nh, T, hs = q.shape
+    # Positions rounded up to a power of two: the prompts of a training run's samples, of every
+    # length, share a handful of measurements.
+    length = 1 << (T - 1).bit_length()
+    key = (B, nh, length, hs, q.dtype, training, torch.get_num_threads())
     formulation = _decisions.get(key)
     if formulation is None:
-        B, nh, T, hs = q.shape
         name = (f"{cpu_name()} | torch {torch.__version__}, {torch.get_num_threads()} threads | {B} x {nh} heads x "
-                f"{T} positions x {hs}, {q.dtype}, {'forward and backward' if training else 'forward'}")
+                f"{length} positions x {hs}, {q.dtype}, {'forward and backward' if training else 'forward'}")
+        like = q.new_empty(B, nh, length, hs)
         formulation = _decisions[key] = measured_once(DECISIONS_FILE, name, FORMULATIONS,
-                                                      lambda: faster_formulation(q, training))
+                                                      lambda: faster_formulation(like, training))
     return formulation
 
 

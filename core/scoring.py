@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from core.attention import use_measured_attention
 from core.devices import enable_tf32, keep_freed_memory, resolve_dtype
 from core.matmul import use_measured_matmuls
 from core.pretrained import load_model_and_tokenizer
@@ -38,14 +37,13 @@ def load_model_to_score(spec: str, device: torch.device, dtype_setting: str) -> 
     `device`. Scored as training computes it: float32 weights, under `scoring_autocast` for bfloat16, so
     that a stage's number and the training run's agree on the same checkpoint (float16 keeps float16
     weights); TF32 on CUDA; on a CPU, glibc's malloc keeping freed memory, as in training, and the
-    fastest matmul and attention formulations (core/matmul.py, core/attention.py)."""
+    fastest matmul formulation (core/matmul.py)."""
     enable_tf32(device)
     keep_freed_memory(device)  # before the model is loaded
     dtype = resolve_dtype(dtype_setting, device)
     model, tokenizer = load_model_and_tokenizer(spec, device=device,
                                                 dtype=torch.float16 if dtype == torch.float16 else torch.float32)
     use_measured_matmuls(model)
-    use_measured_attention(model)
     return model, tokenizer, dtype
 
 

@@ -79,14 +79,14 @@ def test_each_shape_is_measured_once_and_kept_for_the_next_process(monkeypatch: 
                                                                    tmp_path: Path) -> None:
     """A resumed run, or the other DDP rank, must take the same formulation as the first process."""
     measured = measure_as(monkeypatch, "blocks", tmp_path)
-    q = torch.randn(1, 2, 20, 8, requires_grad=True)
-    for _ in range(2):
-        attention.causal_attention(q, q, q)
+    q = torch.randn(1, 2, 32, 8, requires_grad=True)
+    for positions in (20, 30, 32):  # one length class: 32 positions
+        attention.causal_attention(*[q[:, :, :positions]] * 3)
     with torch.no_grad():
         attention.causal_attention(q, q, q)  # a forward alone is another measurement
     attention.causal_attention(q[:, :, :10], q[:, :, :10], q[:, :, :10])
-    assert measured == [((1, 2, 20, 8), torch.float32, True), ((1, 2, 20, 8), torch.float32, False),
-                        ((1, 2, 10, 8), torch.float32, True)]
+    assert measured == [((1, 2, 32, 8), torch.float32, True), ((1, 2, 32, 8), torch.float32, False),
+                        ((1, 2, 16, 8), torch.float32, True)]
     assert set(json.loads((tmp_path / attention.DECISIONS_FILE).read_text()).values()) == {"blocks"}
     monkeypatch.setattr(attention, "_decisions", {})  # a new process: nothing in memory
     monkeypatch.setattr(attention, "faster_formulation", lambda *args: pytest.fail("measured again"))
