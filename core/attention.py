@@ -24,14 +24,15 @@ GPT2_TOOLKIT_ATTENTION=flash (or =blocks) takes that formulation everywhere and 
 
 from __future__ import annotations
 
+import functools
 import os
-import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.cache import measured_once
+from core.cache import fastest, measured_once
 from core.devices import cpu_name
 from core.errors import UserError
 from model import CausalSelfAttention
@@ -119,21 +120,18 @@ def _choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
 
 
 def faster_formulation(like: torch.Tensor, training: bool) -> str:
-    """Times both formulations on random operands shaped and typed like `like` (forward and backward
-    when `training`), the best of a few calls each, interleaved so that a burst of load from elsewhere
-    hits both alike; `flash` unless `blocks` wins by MARGIN."""
+    """The faster formulation on random operands shaped and typed like `like`, forward and backward
+    when `training` (core.cache.fastest): `flash` unless `blocks` wins by MARGIN."""
     operands = [torch.randn(like.shape, dtype=like.dtype, device=like.device, requires_grad=training)
                 for _ in range(3)]
     formulations = {"flash": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                     "blocks": blockwise_causal_attention}
-    best = dict.fromkeys(formulations, float("inf"))
+
+    def run(attention: Callable[..., torch.Tensor]) -> None:
+        y = attention(*operands)
+        if training:
+            torch.autograd.grad(y, operands, torch.ones_like(y))
+
     with torch.set_grad_enabled(training):
-        for call in range(TIMED_CALLS + 1):  # call 0 warms up caches and the allocator
-            for name, attention in formulations.items():
-                start = time.perf_counter()
-                y = attention(*operands)
-                if training:
-                    torch.autograd.grad(y, operands, torch.ones_like(y))
-                if call > 0:
-                    best[name] = min(best[name], time.perf_counter() - start)
-    return "blocks" if best["blocks"] * MARGIN < best["flash"] else "flash"
+        return fastest({name: functools.partial(run, f) for name, f in formulations.items()}, "flash", MARGIN,
+                       TIMED_CALLS)

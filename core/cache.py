@@ -1,12 +1,13 @@
 """Where the toolkit keeps what it fetched or measured once, between runs: ~/.cache/gpt2-toolkit,
-or the folder that GPT2_TOOLKIT_CACHE names (the tests point it at a temporary folder); and the
-download that fills it."""
+or the folder that GPT2_TOOLKIT_CACHE names (the tests point it at a temporary folder); the download
+that fills it; and the timing race that measures which of a few equivalent computations runs fastest."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
@@ -38,6 +39,21 @@ def measured_once(file_name: str, key: str, answers: Collection[str], measure: C
             return kept[key]
     except OSError:
         return measure()
+
+
+def fastest(calls: dict[str, Callable[[], object]], default: str, margin: float, timed_calls: int) -> str:
+    """The name of the fastest of `calls` (the best of `timed_calls` runs each, after one that warms up
+    caches and the allocator, interleaved so that a burst of load from elsewhere hits all alike);
+    `default` unless another beats it by `margin`: a near tie is not worth computing otherwise."""
+    best = dict.fromkeys(calls, float("inf"))
+    for run in range(timed_calls + 1):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if run > 0:
+                best[name] = min(best[name], time.perf_counter() - start)
+    winner = min(best, key=best.get)
+    return winner if best[winner] * margin < best[default] else default
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from core.cache import measured_once
+from core.cache import fastest, measured_once
 from core.devices import cpu_name, synchronize
 from core.errors import UserError
 from model import GPT, KVCache
@@ -194,19 +194,17 @@ def kv_cache_dtype(model: GPT, num_samples: int, positions: int) -> torch.dtype:
 @torch.inference_mode()
 def faster_attention_dtype(rows: int, heads: int, head_dim: int, length: int, dtype: torch.dtype) -> str:
     """"float32" if one query attends over `length` cached positions faster in float32 than in `dtype`
-    (by KV_CACHE_MARGIN), as the model computes it: queries widened, the result narrowed; else "model".
-    The best of a few calls each, interleaved so that a burst of load from elsewhere hits both alike."""
+    (by KV_CACHE_MARGIN, core.cache.fastest), as the model computes it: queries widened, the result
+    narrowed; else "model"."""
     keys = {name: torch.randn(rows, heads, length, head_dim, dtype=cache_dtype)
             for name, cache_dtype in (("model", dtype), ("float32", torch.float32))}
     query = torch.randn(rows, heads, 1, head_dim, dtype=dtype)
-    best = dict.fromkeys(keys, float("inf"))
-    for call in range(6):  # call 0 warms up
-        for name, k in keys.items():
-            start = time.perf_counter()
-            F.scaled_dot_product_attention(query.to(k.dtype), k, k).to(dtype)
-            if call > 0:
-                best[name] = min(best[name], time.perf_counter() - start)
-    return "float32" if best["float32"] * KV_CACHE_MARGIN < best["model"] else "model"
+    calls = {name: functools.partial(_attend_one_query, query, k) for name, k in keys.items()}
+    return fastest(calls, "model", KV_CACHE_MARGIN, timed_calls=5)
+
+
+def _attend_one_query(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(query.to(keys.dtype), keys, keys).to(query.dtype)
 
 
 @torch.inference_mode()

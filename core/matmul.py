@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from core.cache import measured_once
+from core.cache import fastest, measured_once
 from core.devices import cpu_name
 from core.errors import UserError
 
@@ -170,9 +169,8 @@ PRODUCTS = {"linear": F.linear, "transposed": linear_transposed, "packed": linea
 @torch.no_grad()
 def fastest_formulation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         usable: tuple[str, ...]) -> str:
-    """Times the `usable` formulations on these operands (the best of a few calls each, interleaved
-    so that a burst of load from elsewhere hits all alike; oneDNN's copy made before, as it is made
-    once); F.linear unless another wins by MARGIN."""
+    """The fastest of the `usable` formulations on these operands (core.cache.fastest; oneDNN's copy
+    made before, as it is made once); F.linear unless another wins by MARGIN."""
     packed = None
     if "packed" in usable:
         try:
@@ -182,15 +180,7 @@ def fastest_formulation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             usable = tuple(name for name in usable if name != "packed")
     products = {"linear": lambda: F.linear(x, weight, bias), "transposed": lambda: linear_transposed(x, weight, bias),
                 "packed": lambda: _packed_product(x, packed, bias)}
-    best = dict.fromkeys(usable, float("inf"))
-    for call in range(TIMED_CALLS + 1):  # call 0 warms up caches and the allocator
-        for name in usable:
-            start = time.perf_counter()
-            products[name]()
-            if call > 0:
-                best[name] = min(best[name], time.perf_counter() - start)
-    fastest = min(best, key=best.get)
-    return fastest if best[fastest] * MARGIN < best["linear"] else "linear"
+    return fastest({name: products[name] for name in usable}, "linear", MARGIN, TIMED_CALLS)
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:

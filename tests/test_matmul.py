@@ -199,3 +199,21 @@ def test_a_compiled_caller_runs_packed_products_as_f_linear(monkeypatch: pytest.
         eager = matmul.linear(x, weight)  # eagerly first, as compile_decode_step does: packed
         compiled = torch.compile(matmul.linear, fullgraph=True, backend="eager")(x, weight)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
+def test_the_race_keeps_the_default_unless_another_wins_by_the_margin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """core.cache.fastest, on a clock that each call moves on by its own cost: no real timing."""
+    from core import cache
+
+    clock = [0.0]
+    monkeypatch.setattr(cache.time, "perf_counter", lambda: clock[0])
+
+    def costing(*seconds: float) -> object:
+        runs = iter(seconds)
+        return lambda: clock.__setitem__(0, clock[0] + next(runs))
+
+    # Warm-up runs are not counted (the 9 s), the best timed run is (1.0 and 0.85).
+    race = {"default": costing(9, 1.2, 1.0), "other": costing(1, 0.95, 0.85)}
+    assert cache.fastest(race, "default", margin=1.1, timed_calls=2) == "other"
+    race = {"default": costing(1, 1.0, 1.0), "other": costing(0.1, 0.95, 0.95)}
+    assert cache.fastest(race, "default", margin=1.1, timed_calls=2) == "default"  # a near tie
