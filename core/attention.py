@@ -25,16 +25,14 @@ GPT2_TOOLKIT_ATTENTION=flash (or =blocks) takes that formulation everywhere and 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.cache import fastest, measured_once
+from core.cache import fastest, forced_answer, measured_once
 from core.devices import cpu_name
-from core.errors import UserError
 from model import CausalSelfAttention
 
 FORMULATIONS = ("flash", "blocks")
@@ -93,10 +91,7 @@ def blockwise_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def forced_choice() -> str | None:
     """GPT2_TOOLKIT_ATTENTION's formulation for every causal attention, or None: measure each shape."""
-    setting = os.environ.get("GPT2_TOOLKIT_ATTENTION", "measure")
-    if setting != "measure" and setting not in FORMULATIONS:
-        raise UserError(f"GPT2_TOOLKIT_ATTENTION={setting!r}: choose measure, {', '.join(FORMULATIONS)}")
-    return None if setting == "measure" else setting
+    return forced_answer("GPT2_TOOLKIT_ATTENTION", FORMULATIONS)
 
 
 def _choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:

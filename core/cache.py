@@ -24,6 +24,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GPT2_TOOLKIT_CACHE", Path.home() / ".cache" / "gpt2-toolkit"))
 
 
+def forced_answer(variable: str, answers: Collection[str]) -> str | None:
+    """The answer that the environment variable `variable` forces (one of `answers`), or None where it
+    is unset or says `measure`; a UserError for anything else."""
+    setting = os.environ.get(variable, "measure")
+    if setting != "measure" and setting not in answers:
+        raise UserError(f"{variable}={setting!r}: choose measure, {', '.join(answers)}")
+    return None if setting == "measure" else setting
+
+
 def measured_once(file_name: str, key: str, answers: Collection[str], measure: Callable[[], str]) -> str:
     """The machine's answer for `key`, one of `answers`: from the cache folder's `file_name`, else
     `measure()`d now and added to it. Under a lock, so that concurrent processes (the ranks of a

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import codecs
 import functools
-import os
 import time
 import warnings
 import weakref
@@ -25,9 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from core.cache import fastest, measured_once
+from core.cache import fastest, forced_answer, measured_once
 from core.devices import cpu_name, synchronize
-from core.errors import UserError
 from model import GPT, KVCache
 
 # GPT2_TOOLKIT_KV_CACHE=model or =float32 takes that dtype for every eager KV cache and measures
@@ -178,16 +176,14 @@ def kv_cache_dtype(model: GPT, num_samples: int, positions: int) -> torch.dtype:
     dtype = model.transformer.wte.weight.dtype
     if model.device.type != "cpu" or dtype == torch.float32:
         return dtype
-    setting = os.environ.get("GPT2_TOOLKIT_KV_CACHE", "measure")
-    if setting == "measure":
+    setting = forced_answer("GPT2_TOOLKIT_KV_CACHE", KV_CACHE_DTYPES)
+    if setting is None:
         config = model.config
         length = static_cache_length(positions, config.block_size)  # one measurement per power of two
         key = (f"{cpu_name()} | torch {torch.__version__}, {torch.get_num_threads()} threads | {num_samples} rows x "
                f"{config.n_head} heads x {config.head_dim}, {length} positions, {dtype}")
         measure = functools.partial(faster_attention_dtype, num_samples, config.n_head, config.head_dim, length, dtype)
         setting = measured_once(KV_CACHE_FILE, key, KV_CACHE_DTYPES, measure)
-    elif setting not in KV_CACHE_DTYPES:
-        raise UserError(f"GPT2_TOOLKIT_KV_CACHE={setting!r}: choose measure, {', '.join(KV_CACHE_DTYPES)}")
     return torch.float32 if setting == "float32" else dtype
 
 

@@ -29,16 +29,14 @@ measures nothing: numbers that do not depend on this machine's timings, which is
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from core.cache import fastest, measured_once
+from core.cache import fastest, forced_answer, measured_once
 from core.devices import cpu_name
-from core.errors import UserError
 
 FORMULATIONS = ("linear", "transposed", "packed")
 ONEDNN = torch.backends.mkldnn.is_available()  # whether this build of torch has oneDNN: `packed` needs it
@@ -100,10 +98,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 @functools.cache
 def forced_choice() -> str | None:
     """GPT2_TOOLKIT_MATMUL's formulation for every product, or None: measure each."""
-    setting = os.environ.get("GPT2_TOOLKIT_MATMUL", "measure")
-    if setting != "measure" and setting not in FORMULATIONS:
-        raise UserError(f"GPT2_TOOLKIT_MATMUL={setting!r}: choose measure, {', '.join(FORMULATIONS)}")
-    return None if setting == "measure" else setting
+    return forced_answer("GPT2_TOOLKIT_MATMUL", FORMULATIONS)
 
 
 def _choose(shape: tuple, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
