@@ -17,8 +17,9 @@ figures, with the machines named).
 
 The two round differently, and a resumed run or the other ranks of a torchrun must compute what the
 first process did: each answer is measured once per machine and kept in the cache folder
-(`attention_formulations.json`), as core/matmul.py keeps its own. Code being compiled cannot time
-anything and takes `flash`, as does attention under a mask of its own or with dropout.
+(`attention_formulations.json`), as core/matmul.py keeps its own. Code being compiled takes the same
+answer: the measurement runs, eagerly, while torch.compile traces the first step, and the graph keeps
+its answer as a constant. Attention under a mask of its own or with dropout takes `flash`.
 GPT2_TOOLKIT_ATTENTION=flash (or =blocks) takes that formulation everywhere and measures nothing.
 """
 
@@ -67,11 +68,13 @@ class MeasuredAttention(CausalSelfAttention):
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(hs), causal) v for (B, nh, T, hs) q, k, v, in the faster formulation."""
-    if q.device.type != "cpu" or torch.compiler.is_compiling():
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    formulation = _choose(q, k, v)
-    if formulation == "blocks":
-        return blockwise_causal_attention(q, k, v)
+    if q.device.type == "cpu":
+        B, nh, T, hs = q.shape  # symbolic in a graph compiled with dynamic shapes: it breaks here, at the choice
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        # Positions rounded up to a power of two: the prompts of a training run's samples, of every
+        # length, share a handful of measurements.
+        if chosen_formulation(B, nh, 1 << (T - 1).bit_length(), hs, q.dtype, training) == "blocks":
+            return blockwise_causal_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
@@ -94,31 +97,29 @@ def forced_choice() -> str | None:
     return forced_answer("GPT2_TOOLKIT_ATTENTION", FORMULATIONS)
 
 
-def _choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+@torch.compiler.assume_constant_result  # torch.compile runs it for real while tracing, and keeps its answer
+def chosen_formulation(batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype, training: bool) -> str:
+    """The formulation of causal attention over (batch, heads, up to `length`, head_dim) operands of
+    `dtype`, and of their backward pass when `training`: as GPT2_TOOLKIT_ATTENTION says, else as
+    measured here."""
     forced = forced_choice()
     if forced is not None:
         return forced
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    B, nh, T, hs = q.shape
-    # Positions rounded up to a power of two: the prompts of a training run's samples, of every
-    # length, share a handful of measurements.
-    length = 1 << (T - 1).bit_length()
-    key = (B, nh, length, hs, q.dtype, training, torch.get_num_threads())
-    formulation = _decisions.get(key)
-    if formulation is None:
-        name = (f"{cpu_name()} | torch {torch.__version__}, {torch.get_num_threads()} threads | {B} x {nh} heads x "
-                f"{length} positions x {hs}, {q.dtype}, {'forward and backward' if training else 'forward'}")
-        like = q.new_empty(B, nh, length, hs)
-        formulation = _decisions[key] = measured_once(DECISIONS_FILE, name, FORMULATIONS,
-                                                      lambda: faster_formulation(like, training))
-    return formulation
+    key = (batch, heads, length, head_dim, dtype, training, torch.get_num_threads())
+    answer = _decisions.get(key)
+    if answer is None:
+        name = (f"{cpu_name()} | torch {torch.__version__}, {torch.get_num_threads()} threads | {batch} x {heads} heads"
+                f" x {length} positions x {head_dim}, {dtype}, {'forward and backward' if training else 'forward'}")
+        shape = (batch, heads, length, head_dim)
+        answer = _decisions[key] = measured_once(DECISIONS_FILE, name, FORMULATIONS,
+                                                 lambda: faster_formulation(shape, dtype, training))
+    return answer
 
 
-def faster_formulation(like: torch.Tensor, training: bool) -> str:
-    """The faster formulation on random operands shaped and typed like `like`, forward and backward
+def faster_formulation(shape: tuple[int, ...], dtype: torch.dtype, training: bool) -> str:
+    """The faster formulation on random CPU operands of this shape and dtype, forward and backward
     when `training` (core.cache.fastest): `flash` unless `blocks` wins by MARGIN."""
-    operands = [torch.randn(like.shape, dtype=like.dtype, device=like.device, requires_grad=training)
-                for _ in range(3)]
+    operands = [torch.randn(shape, dtype=dtype, requires_grad=training) for _ in range(3)]
     formulations = {"flash": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                     "blocks": blockwise_causal_attention}
 

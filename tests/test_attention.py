@@ -23,8 +23,8 @@ def measure_as(monkeypatch: pytest.MonkeyPatch, formulation: str, cache: Path) -
     monkeypatch.setenv("GPT2_TOOLKIT_CACHE", str(cache))
     monkeypatch.setenv("GPT2_TOOLKIT_ATTENTION", "measure")
     monkeypatch.setattr(attention, "_decisions", {})
-    def measure(like: torch.Tensor, training: bool) -> str:
-        measured.append((tuple(like.shape), like.dtype, training))
+    def measure(shape: tuple[int, ...], dtype: torch.dtype, training: bool) -> str:
+        measured.append((shape, dtype, training))
         return formulation
 
     monkeypatch.setattr(attention, "faster_formulation", measure)
@@ -95,9 +95,8 @@ def test_each_shape_is_measured_once_and_kept_for_the_next_process(monkeypatch: 
 
 
 def test_the_measurement_times_both_on_operands_of_the_shape() -> None:
-    like = torch.randn(1, 2, 64, 16)
-    assert attention.faster_formulation(like, training=True) in attention.FORMULATIONS
-    assert attention.faster_formulation(like.bfloat16(), training=False) in attention.FORMULATIONS
+    assert attention.faster_formulation((1, 2, 64, 16), torch.float32, training=True) in attention.FORMULATIONS
+    assert attention.faster_formulation((1, 2, 64, 16), torch.bfloat16, training=False) in attention.FORMULATIONS
 
 
 @pytest.mark.parametrize("setting", attention.FORMULATIONS)
@@ -116,7 +115,7 @@ def test_the_setting_takes_one_formulation_and_measures_nothing(monkeypatch: pyt
         attention.causal_attention(q, q, q)
 
 
-def test_masks_dropout_a_cache_and_compiled_code_take_sdpa(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_masks_dropout_and_a_cache_take_sdpa(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     measured = measure_as(monkeypatch, "blocks", tmp_path)
     monkeypatch.setattr(attention, "blockwise_causal_attention", lambda *args: pytest.fail("blocks ran"))
     layer = CausalSelfAttention(GPTConfig(block_size=16, n_head=2, n_embd=8, dropout=0.1), 0).train()
@@ -126,9 +125,27 @@ def test_masks_dropout_a_cache_and_compiled_code_take_sdpa(monkeypatch: pytest.M
     layer.eval()
     layer.attend(q, q, q, torch.ones(6, 6, dtype=torch.bool).tril(), False)  # a mask of its own
     layer.attend(q[:, :, :2], q, q, None, False)  # queries after a cache
-    compiled = torch.compile(attention.causal_attention, backend="eager", fullgraph=True)
-    compiled(q, q, q)
     assert measured == []
+
+
+@pytest.mark.parametrize("answer", attention.FORMULATIONS)
+def test_compiled_code_takes_the_measured_formulation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      answer: str) -> None:
+    """Measured once, eagerly, while torch.compile traces: the graph computes what eager code would."""
+    measured = measure_as(monkeypatch, answer, tmp_path)
+    traced: list[str] = []
+    blocks = attention.blockwise_causal_attention
+    monkeypatch.setattr(attention, "blockwise_causal_attention", lambda *args: traced.append("blocks") or blocks(*args))
+    q = torch.randn(1, 2, 300, 4, requires_grad=True)
+    torch._dynamo.reset()  # no graph of an earlier test's answer
+    compiled = torch.compile(attention.causal_attention, backend="eager", fullgraph=True)
+    y = compiled(q, q, q)
+    y_again = compiled(q, q, q)  # the same graph: no measurement again
+    assert measured == [((1, 2, 512, 4), torch.float32, True)]
+    assert traced == (["blocks"] * 2 if answer == "blocks" else [])  # once a call: dynamo replays the append
+    expected = blocks(q, q, q) if answer == "blocks" else F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(y_again, expected, rtol=0, atol=0)
 
 
 def test_training_takes_the_opt_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
