@@ -81,14 +81,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 def blockwise_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The `blocks` formulation: each block of BLOCK queries against the keys up to its last one."""
     T = q.size(2)
-    scale = q.size(-1) ** -0.5
+    q = q * q.size(-1) ** -0.5  # the (B, nh, T, hs) queries scaled, not each block's (B, nh, block, end) scores
     outputs = []
     for start in range(0, T, BLOCK):
         end = min(T, start + BLOCK)
-        scores = (q[:, :, start:end] @ k[:, :, :end].transpose(-1, -2)) * scale  # (B, nh, block, end)
-        future = torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu(start + 1)
-        probabilities = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-        outputs.append(probabilities @ v[:, :, :end])
+        scores = q[:, :, start:end] @ k[:, :, :end].transpose(-1, -2)  # (B, nh, block, end)
+        # Only the last (block, block) square holds future positions. Masked where autograd does not
+        # look: their probabilities are 0, so softmax's backward already gives them no gradient, and a
+        # masked_fill it saw would copy the whole block's scores forward and its gradient backward.
+        future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
+        scores.detach()[..., start:].masked_fill_(future, float("-inf"))
+        outputs.append(torch.softmax(scores, dim=-1) @ v[:, :, :end])
     return torch.cat(outputs, dim=2)
 
 

@@ -45,6 +45,21 @@ def test_blocks_are_causal_attention_forward_and_backward(positions: int) -> Non
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-10)
 
 
+def test_compiled_blocks_are_causal_attention_forward_and_backward() -> None:
+    """The mask is written where autograd does not look; traced, it must still reach the graph."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 300, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    grad_y = torch.randn(2, 3, 300, 16, generator=generator, dtype=torch.float64)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch._dynamo.reset()
+    y = torch.compile(attention.blockwise_causal_attention, backend="aot_eager", fullgraph=True)(q, k, v)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(y, (q, k, v), grad_y)
+    for grad, expected_grad in zip(grads, torch.autograd.grad(expected, (q, k, v), grad_y), strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-10)
+
+
 def test_blocks_in_bfloat16_are_as_near_as_sdpa_in_bfloat16() -> None:
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 300, 64, generator=generator) for _ in range(3))
