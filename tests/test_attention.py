@@ -5,6 +5,7 @@ GPT2_TOOLKIT_ATTENTION=flash (tests/conftest.py)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,33 +32,30 @@ def measure_as(monkeypatch: pytest.MonkeyPatch, formulation: str, cache: Path) -
     return measured
 
 
-@pytest.mark.parametrize("positions", [1, 7, 256, 300, 600])  # one block, several, a last block cut short
-def test_blocks_are_causal_attention_forward_and_backward(positions: int) -> None:
+def assert_is_causal_attention(attend: Callable[..., torch.Tensor], positions: int) -> None:
+    """`attend` gives SDPA's causal attention and its gradients, in float64, on random operands."""
     generator = torch.Generator().manual_seed(positions)
     q, k, v = (torch.randn(2, 3, positions, 16, generator=generator, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
     grad_y = torch.randn(2, 3, positions, 16, generator=generator, dtype=torch.float64)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    y = attention.blockwise_causal_attention(q, k, v)
+    y = attend(q, k, v)
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
     grads = torch.autograd.grad(y, (q, k, v), grad_y)
     for grad, expected_grad in zip(grads, torch.autograd.grad(expected, (q, k, v), grad_y), strict=True):
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("positions", [1, 7, 256, 300, 600])  # one block, several, a last block cut short
+def test_blocks_are_causal_attention_forward_and_backward(positions: int) -> None:
+    assert_is_causal_attention(attention.blockwise_causal_attention, positions)
 
 
 def test_compiled_blocks_are_causal_attention_forward_and_backward() -> None:
     """The mask is written where autograd does not look; traced, it must still reach the graph."""
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 300, 16, generator=generator, dtype=torch.float64, requires_grad=True)
-               for _ in range(3))
-    grad_y = torch.randn(2, 3, 300, 16, generator=generator, dtype=torch.float64)
-    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch._dynamo.reset()
-    y = torch.compile(attention.blockwise_causal_attention, backend="aot_eager", fullgraph=True)(q, k, v)
-    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
-    grads = torch.autograd.grad(y, (q, k, v), grad_y)
-    for grad, expected_grad in zip(grads, torch.autograd.grad(expected, (q, k, v), grad_y), strict=True):
-        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-10)
+    assert_is_causal_attention(torch.compile(attention.blockwise_causal_attention, backend="aot_eager",
+                                             fullgraph=True), 300)
 
 
 def test_blocks_in_bfloat16_are_as_near_as_sdpa_in_bfloat16() -> None:
