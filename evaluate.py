@@ -26,11 +26,21 @@ from core.core_benchmark import (
     read_tasks,
     write_item_results,
 )
-from core.devices import dtype_name
+from core.devices import dtype_name, enable_tf32, resolve_dtype
 from core.distributed import distributed_run
 from core.errors import exit_on_user_error
-from core.pretrained import add_model_arguments
-from core.scoring import load_model_to_score, scoring_autocast
+from core.pretrained import add_model_arguments, load_model
+from core.scoring import scoring_autocast, scoring_weights_dtype
+
+
+def table(scores: list[TaskScore], core: float) -> str:
+    lines = [f"{'task':<34} {'type':<17} {'shots':>5} {'examples':>8} {'accuracy':>8} {'centered':>8} {'seconds':>7}"]
+    for s in scores:
+        lines.append(f"{s.label:<34} {s.task_type:<17} {s.num_fewshot:>5} {s.examples:>8} {s.accuracy:>8.4f} "
+                     f"{s.centered:>8.4f} {s.seconds:>7.1f}")
+    lines.append(f"{f'CORE ({len(scores)} tasks)':<34} {'':<17} {'':>5} {sum(s.examples for s in scores):>8} "
+                 f"{'':>8} {core:>8.4f} {sum(s.seconds for s in scores):>7.1f}")
+    return "\n".join(lines)
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,22 +64,14 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def table(scores: list[TaskScore], core: float) -> str:
-    lines = [f"{'task':<34} {'type':<17} {'shots':>5} {'examples':>8} {'accuracy':>8} {'centered':>8} {'seconds':>7}"]
-    for s in scores:
-        lines.append(f"{s.label:<34} {s.task_type:<17} {s.num_fewshot:>5} {s.examples:>8} {s.accuracy:>8.4f} "
-                     f"{s.centered:>8.4f} {s.seconds:>7.1f}")
-    lines.append(f"{f'CORE ({len(scores)} tasks)':<34} {'':<17} {'':>5} {sum(s.examples for s in scores):>8} "
-                 f"{'':>8} {core:>8.4f} {sum(s.seconds for s in scores):>7.1f}")
-    return "\n".join(lines)
-
-
 def main() -> None:
     args = parse_args()
     with distributed_run(args.device) as distributed:
         device = distributed.device
-        model, tokenizer, dtype = load_model_to_score(args.model, device, args.dtype)
-        tasks = read_tasks(bundle_folder_on_every_rank(args.bundle), args.tasks)
+        tasks = read_tasks(bundle_folder_on_every_rank(args.bundle), args.tasks)  # before the model: fails at once
+        enable_tf32(device)
+        dtype = resolve_dtype(args.dtype, device)
+        model, tokenizer = load_model(args.model, device, scoring_weights_dtype(dtype))
         prepared = prepare_this_ranks_share(tasks, tokenizer, model.config.block_size, args.max_per_task)
         start = time.perf_counter()
         with scoring_autocast(device, dtype):

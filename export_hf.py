@@ -13,7 +13,7 @@ from pathlib import Path
 from core.cli import StageParser
 from core.errors import UserError, exit_on_user_error
 from core.hf import export_hf
-from core.pretrained import load_model_and_tokenizer
+from core.pretrained import load_model
 from core.tokenizer import tokenizer_files
 
 
@@ -30,7 +30,7 @@ def main() -> None:
         raise UserError(f"{args.out} holds the model being exported ({args.model}): write it to another folder")
     if args.out.exists() and any(args.out.iterdir()) and not args.force:
         raise UserError(f"{args.out} is not empty; pass --force to overwrite")
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model(args.model)
     if tokenizer.name not in ("gpt2", "openai-gpt"):
         print(f"note: this model uses the {tokenizer.name} tokenizer, recorded in config.json; HF's GPT-2 "
               "tokenizer files do not fit it")

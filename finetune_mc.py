@@ -21,6 +21,7 @@ default); SIGTERM or Ctrl-C saves one at the end of the current step and exits.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -30,9 +31,10 @@ import torch.distributed as dist
 
 from core.checkpoint import save_checkpoint
 from core.config import FinetuneConfig
-from core.distributed import Distributed, distributed_run
+from core.cpu_speedups import keep_freed_memory
+from core.distributed import Distributed
 from core.errors import UserError, exit_on_user_error
-from core.evaluation import gather_results, score_examples, summarize
+from core.hellaswag import gather_results, score_examples, summarize
 from core.multiple_choice import (
     CLASSIFIER_FILE,
     ChoiceHead,
@@ -44,18 +46,26 @@ from core.multiple_choice import (
     collate,
     encode_questions,
     joint_loss,
-    load_multiple_choice_model,
     read_questions,
     split_off,
+    with_classifier,
     zero_shot_examples,
 )
-from core.optim import linear_learning_rate, make_optimizer
-from core.pretrained import load_model_and_tokenizer
+from core.optim import make_optimizer
+from core.pretrained import load_model
 from core.runlog import RunLog
-from core.training import TrainingRun, out_of_memory_as_one_line
+from core.training import TrainingRun, run_trainer
 from model import GPT
 
 BEST_FOLDER = "best"
+
+
+def linear_learning_rate(step: int, max_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """GPT-1's fine-tuning schedule: linear warmup to max_lr over warmup_steps (step 0 already gets
+    max_lr / warmup_steps), then a straight line down to 0 at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    return max_lr * max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
 
 
 class Finetuner:
@@ -65,6 +75,7 @@ class Finetuner:
         self.log_dir = Path(config.log_dir)
         self.log = RunLog(self.log_dir, enabled=self.is_main)
         self.run = TrainingRun(config, distributed, self.log)
+        keep_freed_memory(self.device)  # on a CPU, before the model allocates: core/cpu_speedups.py
         resume = self.run.find_resume_point(self.log_dir, config.resume)
         if resume is not None:
             folder, (_, trainer_state, _) = resume
@@ -80,6 +91,7 @@ class Finetuner:
             raise UserError(f"batch_size {config.batch_size} is not a multiple of micro_batch_size "
                             f"{config.micro_batch_size} x {distributed.world_size} process(es)")
         self.accum = config.batch_size // per_step
+        self.ddp = distributed.world_size > 1
 
         self.train_questions, self.val_questions, self.test_questions = self._questions()
         model, head = self._build_model(resume)
@@ -110,12 +122,13 @@ class Finetuner:
         drawn from the seed, or as a checkpoint of this run holds them (with its tokenizer and markers)."""
         config = self.config
         if resume is not None:
-            loaded, self.tokenizer, self.markers = load_multiple_choice_model(resume[0])
+            gpt, self.tokenizer = load_model(str(resume[0]))
+            loaded, self.markers = with_classifier(gpt, resume[0])
             model, head = loaded.gpt, ChoiceHead(loaded.gpt.config.n_embd, config.clf_dropout)
             head.load_state_dict(loaded.head.state_dict())
             self.zero_shot = resume[1][1]["zero_shot"]
         else:
-            model, self.tokenizer = load_model_and_tokenizer(config.init_from)
+            model, self.tokenizer = load_model(config.init_from)
             self.zero_shot = self._zero_shot(model) if config.zero_shot else {}
             generator = torch.Generator().manual_seed(config.seed)
             model, self.tokenizer, self.markers = add_markers(model, self.tokenizer, config.markers, generator)
@@ -224,30 +237,47 @@ class Finetuner:
             self.save_best(row)
 
     def train_step(self, step: int, batch: list[Encoded]) -> float:
-        """One optimizer step over a batch of questions, this rank's share in micro-batches; the mean loss."""
-        config = self.config
+        """One optimizer step over a batch of questions, this rank's share in micro-batches, as
+        train_gpt2.py takes its step; the mean loss."""
+        config, model, optimizer = self.config, self.train_model, self.optimizer
         lr = linear_learning_rate(step, config.max_lr, self.warmup_steps, self.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         mine = batch[self.distributed.rank :: self.distributed.world_size]
         size = config.micro_batch_size
-        micro_batches = (collate(mine[i * size : (i + 1) * size], self.device) for i in range(self.accum))
-        result = self.run.step(self.train_model, self.optimizer, lr, micro_batches, self.accum, self._loss,
-                               config.grad_clip, step)
-        lm = {"lm_loss": result.parts["lm_loss"]} if config.lm_coef > 0 else {}
-        clf = result.parts["clf_loss"]
-        self.log.record("train", step, loss=result.loss, clf_loss=clf, **lm, lr=lr, grad_norm=result.grad_norm)
-        if self.log.bar is None and (step % 10 == 0 or step == self.max_steps - 1):
-            self.log.print(f"step {step:5d} | loss {result.loss:.4f} | clf {clf:.4f}"
-                           + (f" | lm {lm['lm_loss']:.4f}" if lm else "") + f" | lr {lr:.4e} | norm "
-                           f"{result.grad_norm:.4f}")
-        return result.loss
+        totals = torch.zeros(3, device=self.device)  # the joint loss, the classifier's, the LM's
+        for micro_step in range(self.accum):
+            inputs = collate(mine[micro_step * size : (micro_step + 1) * size], self.device)
+            if self.ddp:
+                # All-reduce the gradients in the last micro-step's backward only. DDP decides that in
+                # the forward pass, so it is set before it (build-nanogpt #30).
+                model.require_backward_grad_sync = micro_step == self.accum - 1
+            with self.run.autocast():
+                _, clf_loss, lm_loss = model(inputs["idx"], inputs["extract"], inputs["labels"],
+                                             inputs["lm_targets"] if config.lm_coef > 0 else None)
+                loss = joint_loss(clf_loss, lm_loss, config.lm_coef)
+            (loss / self.accum).backward()  # each micro-batch's share of the batch's mean (nanoGPT #168)
+            parts = (loss, clf_loss, lm_loss if lm_loss is not None else torch.zeros_like(clf_loss))
+            totals += torch.stack([part.detach().float() for part in parts])
+        totals /= self.accum
+        if self.ddp:  # the mean over every rank, for the log; gloo has no AVG (build-nanogpt #4)
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+            totals /= self.distributed.world_size
+        loss_value, clf, lm_value = totals.tolist()
+        if not math.isfinite(loss_value):  # stop before the update spreads it into every weight
+            raise self.run.non_finite_loss(loss_value, step)
+        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+        # The model's parameters are the compiled and DDP-wrapped module's own.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    def _loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """GPT-1's joint loss of a micro-batch, and its classifier and LM parts."""
-        lm_coef = self.config.lm_coef
-        _, clf_loss, lm_loss = model(inputs["idx"], inputs["extract"], inputs["labels"],
-                                     inputs["lm_targets"] if lm_coef > 0 else None)
-        parts = {"clf_loss": clf_loss, **({"lm_loss": lm_loss} if lm_loss is not None else {})}
-        return joint_loss(clf_loss, lm_loss, lm_coef), parts
+        lm = {"lm_loss": lm_value} if config.lm_coef > 0 else {}
+        self.log.record("train", step, loss=loss_value, clf_loss=clf, **lm, lr=lr, grad_norm=grad_norm)
+        if self.log.bar is None and (step % 10 == 0 or step == self.max_steps - 1):
+            self.log.print(f"step {step:5d} | loss {loss_value:.4f} | clf {clf:.4f}"
+                           + (f" | lm {lm_value:.4f}" if lm else "") + f" | lr {lr:.4e} | norm {grad_norm:.4f}")
+        return loss_value
 
     # -- evaluation and checkpoints ------------------------------------------------------------------
 
@@ -309,10 +339,7 @@ class Finetuner:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = FinetuneConfig.from_argv(argv, __doc__)
-    with distributed_run(config.device) as distributed, \
-            out_of_memory_as_one_line(distributed.device, config.micro_batch_size):
-        Finetuner(config, distributed).train()
+    run_trainer(Finetuner, FinetuneConfig.from_argv(argv, __doc__))
 
 
 if __name__ == "__main__":

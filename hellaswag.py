@@ -4,7 +4,7 @@
     python hellaswag.py -m log/checkpoints/step_019073 --dtype bfloat16 --output log/hellaswag.jsonl
     torchrun --standalone --nproc_per_node=8 hellaswag.py -m gpt2-xl
 
-acc scores an ending by its summed token loss, acc_norm by its mean token loss; see core/evaluation.py.
+acc scores an ending by its summed token loss, acc_norm by its mean token loss; see core/hellaswag.py.
 """
 
 from __future__ import annotations
@@ -16,20 +16,19 @@ import time
 from pathlib import Path
 
 from core.cli import StageParser, check_output_file
-from core.devices import dtype_name
+from core.devices import dtype_name, enable_tf32, resolve_dtype
 from core.distributed import distributed_run
 from core.errors import UserError, exit_on_user_error
-from core.evaluation import (
-    examples_that_fit,
+from core.hellaswag import (
     gather_results,
     hellaswag_file_on_every_rank,
-    read_hellaswag,
+    read_examples_that_fit,
     score_examples,
     summarize,
     write_results,
 )
-from core.pretrained import add_model_arguments
-from core.scoring import load_model_to_score, scoring_autocast
+from core.pretrained import add_model_arguments, load_model
+from core.scoring import scoring_autocast, scoring_weights_dtype
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,17 +52,17 @@ def main() -> None:
     args = parse_args()
     with distributed_run(args.device) as distributed:
         device = distributed.device
-        model, tokenizer, dtype = load_model_to_score(args.model, device, args.dtype)
-        path = hellaswag_file_on_every_rank(args.data)
-        examples = read_hellaswag(path, tokenizer, limit=args.limit)
-        fitting = examples_that_fit(examples, model.config.block_size)
-        if not fitting:
-            raise UserError(f"none of the {len(examples)} examples fits in this model's block_size of "
+        path = hellaswag_file_on_every_rank(args.data)  # before the model: a missing file fails at once
+        enable_tf32(device)
+        dtype = resolve_dtype(args.dtype, device)
+        model, tokenizer = load_model(args.model, device, scoring_weights_dtype(dtype))
+        examples, left_out = read_examples_that_fit(path, tokenizer, model.config.block_size, limit=args.limit)
+        if not examples:
+            raise UserError(f"none of the {left_out} examples fits in this model's block_size of "
                             f"{model.config.block_size}")
-        if len(fitting) < len(examples) and distributed.is_main:
-            print(f"note: {len(examples) - len(fitting)} of {len(examples)} examples are longer than block_size "
+        if left_out and distributed.is_main:
+            print(f"note: {left_out} of {left_out + len(examples)} examples are longer than block_size "
                   f"{model.config.block_size} and are left out (n counts the others)", file=sys.stderr)
-        examples = fitting
         start = time.perf_counter()
         with scoring_autocast(device, dtype):
             results = gather_results(score_examples(model, examples, args.batch_size, progress=not args.no_progress))

@@ -179,16 +179,11 @@ class CausalSelfAttention(nn.Module):
         elif mask is None and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
         # Attention runs in the dtype of the keys and values: a KV cache may keep them wider than the
-        # model computes (core/generation.py chooses), and then the queries are widened to match.
-        y = self.attend(q.to(k.dtype), k, v, mask, is_causal).to(q.dtype)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        # model computes (float32 under bfloat16 autocast), and then the queries are widened to match.
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.to(q.dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-               is_causal: bool) -> torch.Tensor:
-        """softmax(q k^T / sqrt(hs) + mask) v of (B, nh, T, hs) queries over (B, nh, S, hs) keys and values."""
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                              dropout_p=self.dropout if self.training else 0.0)
 
 
 class MLP(nn.Module):
@@ -325,22 +320,18 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
 
-    def num_params(self, include_embeddings: bool = True) -> int:
+    def num_params(self) -> int:
         """Parameter count, the tied head counted once (the convention of the GPT-2 size names)."""
-        n = sum(p.numel() for p in self.parameters())
-        if not include_embeddings:
-            n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
-        return n
+        return sum(p.numel() for p in self.parameters())
 
     @classmethod
     def from_pretrained(cls, spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
         """The model named by `spec`, in eval mode: `GPT.from_pretrained("gpt2")` (an HF hub name), an HF
         model folder, or one of our checkpoint folders. See `core.pretrained.load_model`, which also
-        returns the name of the model's tokenizer."""
+        returns the model's tokenizer."""
         from core.pretrained import load_model  # imported here: core.pretrained imports this module
 
-        model, _ = load_model(spec, device=device, dtype=dtype)
-        return model
+        return load_model(spec, device=device, dtype=dtype)[0]
 
     def with_settings(self, vocab_multiple: int, dropout: float) -> GPT:
         """This model's weights under new training settings: embedding rows padded to a multiple of

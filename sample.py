@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from core.cli import StageParser
-from core.devices import dtype_name, enable_tf32, keep_freed_memory, resolve_device, resolve_dtype
+from core.cpu_speedups import speed_up_generation
+from core.devices import dtype_name, enable_tf32, resolve_device, resolve_dtype
 from core.errors import UserError, exit_on_user_error
 from core.generation import Sampling, TextStream, compile_decode_step, fit_to_context, stream_tokens
-from core.matmul import use_measured_matmuls
-from core.pretrained import add_model_arguments, load_model_and_tokenizer
+from core.pretrained import add_model_arguments, load_model
 from core.tokenizer import Tokenizer
 from model import GPT
 
@@ -164,7 +164,6 @@ def main() -> None:
     args = parse_args()
     device = resolve_device(args.device)
     enable_tf32(device)
-    keep_freed_memory(device)  # before the model is loaded: each step's logits are a fresh megabyte otherwise
     dtype = resolve_dtype(args.dtype, device, cpu_bfloat16=True)
     try:
         sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
@@ -172,8 +171,8 @@ def main() -> None:
     except ValueError as error:
         raise UserError(str(error)) from None
     text = None if args.interactive else read_prompt(args)
-    model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=dtype)
-    use_measured_matmuls(model)
+    model, tokenizer = load_model(args.model, device=device, dtype=dtype)
+    speed_up_generation(model)  # on a CPU only: core/cpu_speedups.py
     if args.stop_at_eot and tokenizer.eot_token is None:
         raise UserError(f"--stop-at-eot: the {tokenizer.name} tokenizer has no <|endoftext|> token")
     generator = torch.Generator(device=device).manual_seed(args.seed)

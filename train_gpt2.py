@@ -14,6 +14,7 @@ Ctrl-C, so that a script running the stages stops); a second one exits at once.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,33 +31,71 @@ from core.core_benchmark import (
     prepare_this_ranks_share,
     read_tasks,
 )
-from core.data import TokenLoader, ValSet, corpus_identity
-from core.devices import accumulation_dtype, to_device
-from core.distributed import Distributed, distributed_run
+from core.cpu_speedups import keep_freed_memory
+from core.data import TokenLoader, ValSet, corpus_identity, to_device
+from core.devices import accumulation_dtype
+from core.distributed import Distributed
 from core.errors import UserError, exit_on_user_error
-from core.evaluation import (
+from core.generation import Sampling, fit_to_context, generate
+from core.hellaswag import (
     Example,
-    examples_that_fit,
     gather_results,
     hellaswag_file_on_every_rank,
-    read_hellaswag,
+    read_examples_that_fit,
     score_examples,
     summarize,
 )
-from core.generation import Sampling, fit_to_context, generate
 from core.mfu import flops_per_token, peak_flops
-from core.optim import build_optimizer, load_optimizer_state, scheduled_learning_rate
+from core.optim import build_optimizer, load_optimizer_state
 from core.plotting import plot_run
 from core.pretrained import load_model
 from core.runlog import RunLog
 from core.shards import list_shards
 from core.tokenizer import get_tokenizer
-from core.training import StepResult, TrainingRun, out_of_memory_as_one_line
+from core.training import TrainingRun, run_trainer
 from model import GPT, GPTConfig
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig.from_argv(argv, __doc__)
+
+
+# -- the learning rate: a function of the step alone, so that a resumed run picks it up where it stopped --
+
+def cosine_learning_rate(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup to max_lr over warmup_steps (step 0 already gets max_lr / warmup_steps), then a
+    cosine from max_lr down to min_lr at max_steps; min_lr after that (GPT-3's, build-nanogpt's)."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def wsd_learning_rate(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int,
+                      decay_fraction: float) -> float:
+    """Warmup-stable-decay: linear warmup to max_lr over warmup_steps (step 0 already gets
+    max_lr / warmup_steps), max_lr until the last `decay_fraction` of max_steps, then a straight line
+    down to min_lr at max_steps; min_lr after that. A run can be extended from any checkpoint taken
+    before the decay, which cosine does not allow (Hagele et al. 2024, arXiv 2405.18392)."""
+    decay_start = max_steps - round(decay_fraction * max_steps)
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    if step < decay_start:
+        return max_lr
+    return min_lr + (max_lr - min_lr) * (max_steps - step) / max(1, max_steps - decay_start)
+
+
+def learning_rate(schedule: str, step: int, config: TrainConfig) -> float:
+    """The lr of `step` under the schedule named "cosine" or "wsd" (config.schedule_name)."""
+    min_lr = config.max_lr * config.min_lr_ratio
+    if schedule == "wsd":
+        return wsd_learning_rate(step, config.max_lr, min_lr, config.warmup_steps, config.max_steps,
+                                 config.decay_fraction)
+    return cosine_learning_rate(step, config.max_lr, min_lr, config.warmup_steps, config.max_steps)
 
 
 class Trainer:
@@ -66,7 +105,10 @@ class Trainer:
         self.log_dir = Path(config.log_dir)
         self.log = RunLog(self.log_dir, enabled=self.is_main, tensorboard=config.tensorboard)
         self.run = TrainingRun(config, distributed, self.log)
+        keep_freed_memory(self.device)  # on a CPU, before the model allocates: core/cpu_speedups.py
         self.dtype = self.run.dtype
+        self.ddp = distributed.world_size > 1
+        self.schedule = config.schedule_name  # "auto" resolved once: cosine for AdamW, wsd for Muon
         self.corpus = self._corpus()
         self.tokenizer_name = self.corpus["tokenizer"]
         self.tokenizer = get_tokenizer(self.tokenizer_name)
@@ -129,8 +171,8 @@ class Trainer:
             model = GPT.from_state_dict(GPTConfig.from_dict(meta["config"]), weights)
         elif config.init_from:
             model, tokenizer = load_model(config.init_from)
-            if tokenizer != self.tokenizer_name:
-                raise UserError(f"{config.init_from} uses the {tokenizer!r} tokenizer but the shards in "
+            if tokenizer.name != self.tokenizer_name:
+                raise UserError(f"{config.init_from} uses the {tokenizer.name!r} tokenizer but the shards in "
                                 f"{config.data_dir} were made with {self.tokenizer_name!r}")
             model = model.with_settings(config.vocab_multiple, config.dropout)
         else:
@@ -166,13 +208,12 @@ class Trainer:
         except UserError as error:
             self.log.print(f"HellaSwag is off for this run: {error}")
             return []
-        examples = read_hellaswag(path, self.tokenizer, limit=config.hellaswag_examples)
         block = self.raw_model.config.block_size
-        fitting = examples_that_fit(examples, block)
-        if len(fitting) < len(examples):
-            self.log.print(f"HellaSwag: {len(examples) - len(fitting)} of {len(examples)} examples are longer than "
+        examples, left_out = read_examples_that_fit(path, self.tokenizer, block, limit=config.hellaswag_examples)
+        if left_out:
+            self.log.print(f"HellaSwag: {left_out} of {left_out + len(examples)} examples are longer than "
                            f"block_size {block} and are left out")
-        return fitting
+        return examples
 
     def _core_tasks(self) -> list[PreparedTask]:
         """This rank's share of the CORE examples to score at CORE evaluations; none, with one line saying
@@ -229,19 +270,39 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------------------
 
-    def train_step(self) -> StepResult:
-        """One optimizer step over total_batch_size tokens."""
-        config = self.config
-        lr = scheduled_learning_rate(config.schedule_name, self.step, config.max_lr,
-                                     config.max_lr * config.min_lr_ratio, config.warmup_steps, config.max_steps,
-                                     config.decay_fraction)
-        micro_batches = (self.loader.next_batch() for _ in range(self.accum))
-        return self.run.step(self.train_model, self.optimizer, lr, micro_batches, self.accum, self._loss,
-                             config.grad_clip, self.step)
-
-    def _loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        x, y = (to_device(t, self.device) for t in batch)
-        return model(x, y)[1], {}
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over total_batch_size tokens, as build-nanogpt takes it: the batch's mean
+        loss over every rank, the gradient norm before clipping, and the learning rate."""
+        model, optimizer = self.train_model, self.optimizer
+        lr = learning_rate(self.schedule, self.step, self.config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups run at their multiple of it
+        loss_accum = torch.zeros((), device=self.device)
+        for micro_step in range(self.accum):
+            x, y = (to_device(t, self.device) for t in self.loader.next_batch())
+            if self.ddp:
+                # All-reduce the gradients in the last micro-step's backward only. DDP decides that in
+                # the forward pass, so it is set before it (build-nanogpt #30).
+                model.require_backward_grad_sync = micro_step == self.accum - 1
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+                _, loss = model(x, y)
+            # Each micro-batch's share of the batch's mean, so that the gradient (and what the clip
+            # threshold means) is the same whatever the accumulation (nanoGPT #168).
+            loss = loss / self.accum
+            loss_accum += loss.detach()
+            loss.backward()
+        if self.ddp:  # the loss of every rank's share, for the log; gloo has no AVG (build-nanogpt #4)
+            dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
+            loss_accum /= self.distributed.world_size
+        loss_value = loss_accum.item()
+        if not math.isfinite(loss_value):  # stop before the update spreads it into every weight
+            raise self.run.non_finite_loss(loss_value, self.step)
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        # The raw model's parameters are the compiled and DDP-wrapped module's own.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm, lr
 
     def train(self) -> None:
         config = self.config
@@ -252,13 +313,13 @@ class Trainer:
         with self.log:  # closes the progress bar and the event files, however the loop ends
             while self.step < config.max_steps:
                 started = time.perf_counter()
-                result = self.train_step()
+                loss, grad_norm, lr = self.train_step()
                 seconds = time.perf_counter() - started
-                self._report_step(result, seconds)
+                self._report_step(loss, grad_norm, lr, seconds)
                 self.step += 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if self.run.stop_requested():  # save at once: torchrun's SIGKILL follows its SIGTERM in 30 s
                     self.save()
                     self.log.print(f"stopped at step {self.step}; continue with --resume auto")
@@ -271,17 +332,17 @@ class Trainer:
                     self.save()
         self.log.print(f"done: {self.step} steps" + (f", val loss {self.val_loss:.4f}" if self.val_loss else ""))
 
-    def _report_step(self, result: StepResult, seconds: float) -> None:
+    def _report_step(self, loss: float, grad_norm: float, lr: float, seconds: float) -> None:
         tokens_per_second = self.config.total_batch_size / seconds
         mfu = self.flops_per_step / seconds / (self.peak * self.distributed.world_size) if self.peak else None
         on_cuda = self.device.type == "cuda"
         memory = {"peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30} if on_cuda else {}
-        self.log.record("train", self.step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
+        self.log.record("train", self.step, loss=loss, lr=lr, grad_norm=grad_norm,
                         tokens_per_second=tokens_per_second, mfu=mfu, ms=seconds * 1000, **memory)
         mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
         if self.log.bar is None or self.step % 10 == 0:
-            self.log.print(f"step {self.step:5d} | loss {result.loss:.6f} | lr {result.lr:.4e} | norm "
-                           f"{result.grad_norm:.4f} | dt {seconds * 1000:.2f}ms | tok/sec {tokens_per_second:.2f}"
+            self.log.print(f"step {self.step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm "
+                           f"{grad_norm:.4f} | dt {seconds * 1000:.2f}ms | tok/sec {tokens_per_second:.2f}"
                            f"{mfu_text}")
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -349,10 +410,7 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(argv)
-    with distributed_run(config.device) as distributed, \
-            out_of_memory_as_one_line(distributed.device, config.micro_batch_size):
-        Trainer(config, distributed).train()
+    run_trainer(Trainer, parse_config(argv))
 
 
 if __name__ == "__main__":

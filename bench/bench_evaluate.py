@@ -6,14 +6,12 @@ The GPT-2 124M config with random weights, on the first examples of every task o
 default the developers' 18-task slice beside the checkout): ours (each example's candidates packed
 over their shared prefix, similar lengths batched, the head only on the scored positions) in float32
 and bfloat16, and the plain reference (tests/core_reference.py: every candidate through its own
-forward pass, the head over every position, on a copy of the model without core/matmul.py's opt-in)
-in float32 on the same weights, in the same run.
+forward pass, the head over every position) in float32 on the same weights, in the same run.
 Float32 decisions must be identical.
 """
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from pathlib import Path
@@ -24,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
 from core.cli import StageParser
 from core.core_benchmark import evaluate_core, prepare_this_ranks_share, read_tasks
-from core.devices import keep_freed_memory, resolve_device
-from core.matmul import use_measured_matmuls
+from core.devices import resolve_device
 from core.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 from tests.core_reference import first_lines, reference_item
@@ -43,13 +40,10 @@ def main() -> None:
     if not (args.bundle / "core.yaml").is_file():
         parser.error(f"no core.yaml in {args.bundle}: pass --bundle DIR")
     device = resolve_device(args.device)
-    keep_freed_memory(device)  # as evaluate.py does, before the model is built
     tokenizer = get_tokenizer("gpt2")
     tasks = read_tasks(args.bundle)
     torch.manual_seed(0)
     model = GPT(GPTConfig()).to(device).eval()
-    plain_model = copy.deepcopy(model)  # the reference's: nn.Linear as it is
-    use_measured_matmuls(model)  # as evaluate.py does
     context = model.config.block_size
 
     print(describe_hardware())
@@ -61,7 +55,7 @@ def main() -> None:
 
     @torch.inference_mode()
     def logits_of(tokens: list[int]) -> torch.Tensor:
-        return plain_model(torch.tensor([tokens], device=device))[0][0, :, : model.config.vocab_size]
+        return model(torch.tensor([tokens], device=device))[0][0, :, : model.config.vocab_size]
 
     start = time.perf_counter()
     reference = []

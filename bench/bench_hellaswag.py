@@ -1,17 +1,15 @@
-"""HellaSwag examples per second of core/evaluation.py against the one-example-per-forward reference.
+"""HellaSwag examples per second of core/hellaswag.py against the one-example-per-forward reference.
 
     python bench/bench_hellaswag.py [--limit 1000] [--batch-size 16] [--device cpu]
 
 The GPT-2 124M config with random weights, on the 1000 HellaSwag examples that ship with the
 repository (tests/data/hellaswag/hellaswag_val_1000.jsonl): our scorer in float32 and in bfloat16,
 and the plain reference (tests/hellaswag_reference.py: one example per forward pass, build-nanogpt's
-method, on a copy of the model without core/matmul.py's opt-in) in float32 on the same weights, in
-the same run. Float32 predictions must be identical.
+method) in float32 on the same weights, in the same run. Float32 predictions must be identical.
 """
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from collections.abc import Callable
@@ -22,9 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
 from core.cli import StageParser
-from core.devices import keep_freed_memory, resolve_device
-from core.evaluation import read_hellaswag, score_examples
-from core.matmul import use_measured_matmuls
+from core.devices import resolve_device
+from core.hellaswag import read_hellaswag, score_examples
 from core.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 from tests.data_paths import HELLASWAG
@@ -45,18 +42,15 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    keep_freed_memory(device)  # as hellaswag.py does, before the model is built
     examples = read_hellaswag(args.data, get_tokenizer("gpt2"), limit=args.limit)
     torch.manual_seed(0)
     model = GPT(GPTConfig()).to(device).eval()
-    plain_model = copy.deepcopy(model)  # the reference's: nn.Linear as it is, as in build-nanogpt
-    use_measured_matmuls(model)  # as hellaswag.py does
 
     print(describe_hardware())
     print(f"GPT-2 124M (random weights) on {device}, {len(examples)} HellaSwag examples, batch size {args.batch_size}")
     score_examples(model, examples[: args.batch_size], args.batch_size, progress=False)  # warm-up
     ours, ours_seconds = timed(lambda: score_examples(model, examples, args.batch_size, progress=False))
-    reference, reference_seconds = timed(lambda: [reference_scores(plain_model, example) for example in examples])
+    reference, reference_seconds = timed(lambda: [reference_scores(model, example) for example in examples])
     model_bf16 = model.to(torch.bfloat16)
     ours_bf16, bf16_seconds = timed(lambda: score_examples(model_bf16, examples, args.batch_size, progress=False))
 

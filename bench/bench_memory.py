@@ -7,7 +7,7 @@ F.cross_entropy) against the memory-bounded one (core/cross_entropy.py), for a f
 Each measurement runs in a fresh process: the model and AdamW are built, one step is taken to create
 the optimizer's state, then the peak resident memory (VmHWM, reset through /proc/self/clear_refs) of a
 second step, forward, backward and update, above what was resident before it. Linux only. With
-glibc's malloc as it comes: the trainers keep freed memory on a CPU (core.devices.keep_freed_memory),
+glibc's malloc as it comes: the trainers keep freed memory on a CPU (core.cpu_speedups.keep_freed_memory),
 which holds this peak, and some blocks glibc does not reuse at once, for the rest of a run.
 """
 

@@ -7,9 +7,11 @@ a decode step's weight FLOPs at the dtype's measured matmul peak (a large square
 ceiling, the step's own small matmuls timed alone, was passed 7x by a faster bf16 path), and the
 bytes of the weights over the memory-read bandwidth; and prints each generator as a fraction of both.
 
-Ours runs twice: eagerly, and with its compiled decode step (`sample.py --compile`), whose compile
-time is reported apart. A last row times a step's weight products alone, as ours computes them: how far
-the products are from the bandwidth ceiling, and how much the rest of the step costs.
+Ours runs three times: eagerly with sample.py's CPU speed-up (core/cpu_speedups.py), eagerly on a
+plain copy of the model (what the speed-up adds, side by side), and with its compiled decode step
+(`sample.py --compile`), whose compile time is reported apart. A last row times a step's weight
+products alone, as ours computes them: how far the products are from the bandwidth ceiling, and how
+much the rest of the step costs.
 
 The GPT-2 124M config with random weights (speed does not depend on their values), 5 samples of
 128 new tokens from an 8-token prompt, top-k 50 sampling at temperature 1. The same weights run
@@ -19,6 +21,7 @@ in a loop that recomputes the whole sequence at every step, as build-nanogpt's s
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 import time
@@ -31,10 +34,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.hardware import describe_hardware
 from core.cli import StageParser
-from core.devices import dtype_name, keep_freed_memory, resolve_device, resolve_dtype, synchronize
-from core.generation import Sampling, cached_positions, compile_decode_step, generate, kv_cache_dtype, sample_next
+from core.cpu_speedups import speed_up_generation
+from core.devices import dtype_name, resolve_device, resolve_dtype, synchronize
+from core.generation import Sampling, compile_decode_step, generate, sample_next
 from core.hf import config_to_hf, state_dict_to_hf
-from core.matmul import use_measured_matmuls
 from core.mfu import measured_peak
 from model import GPT, GPTConfig
 
@@ -127,11 +130,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = resolve_device(args.device)
-    keep_freed_memory(device)  # as sample.py does, before the model is built
     dtype = resolve_dtype(args.dtype, device, cpu_bfloat16=True)  # what sample.py runs in
     torch.manual_seed(0)
     model = GPT(GPTConfig()).to(device=device, dtype=dtype).eval()
-    use_measured_matmuls(model)  # as sample.py does
+    plain_model = copy.deepcopy(model)  # plain PyTorch: what sample.py's CPU speed-up adds, side by side
+    speed_up_generation(model)  # as sample.py does
     reference = GPT2LMHeadModel(GPT2Config(**config_to_hf(model.config)))
     reference.load_state_dict(state_dict_to_hf(model), strict=False)  # strict=False: tied lm_head
     reference = reference.to(device=device, dtype=dtype).eval()
@@ -139,9 +142,8 @@ def main() -> None:
     print(describe_hardware())
     print(f"GPT-2 124M, {dtype}, {device}: {NUM_SAMPLES} samples x {NEW_TOKENS} new tokens from "
           f"{len(PROMPT)} prompt tokens, top-k {TOP_K}, median of {args.repeats}")
-    cache_dtype = kv_cache_dtype(model, NUM_SAMPLES, cached_positions(len(PROMPT), NEW_TOKENS))
-    print(f"ours keeps its eager KV cache in {dtype_name(cache_dtype)} (core/generation.py measured it so)")
     ours_tps = tokens_per_second(lambda: ours(model), args.repeats)
+    plain_tps = tokens_per_second(lambda: ours(plain_model), args.repeats)
     compile_seconds = compile_decode_step(model, NUM_SAMPLES, len(PROMPT), NEW_TOKENS)
     compiled_tps = tokens_per_second(lambda: ours(model, compiled=True), args.repeats)
     hf_tps = tokens_per_second(lambda: hf_generate(reference), args.repeats)
@@ -154,13 +156,15 @@ def main() -> None:
     print(f"ceilings: {decode_flops(model) / 1e9:.2f} GFLOP a token at the {dtype_name(dtype)} matmul peak "
           f"({peak / 1e9:.0f} GFLOP/s) {matmul_ceiling:8.1f} new tokens/s; {weight_bytes(model) / 1e6:.0f} MB of "
           f"weights at {bandwidth / 1e9:.1f} GB/s read {bandwidth_ceiling:8.1f}")
-    rows = (("ours, eager", ours_tps), ("ours, compiled step", compiled_tps), ("HF generate", hf_tps),
+    rows = (("ours, eager", ours_tps), ("ours, plain PyTorch", plain_tps), ("ours, compiled step", compiled_tps),
+            ("HF generate", hf_tps),
             ("no cache (recompute)", no_cache_tps), ("ours' products alone", products_tps))
     for name, tps in rows:
         print(f"{name:21} {tps:8.1f} new tokens/s   {tps / matmul_ceiling:6.1%} of the matmul ceiling, "
               f"{tps / bandwidth_ceiling:6.1%} of the bandwidth ceiling")
     best = max(ours_tps, compiled_tps)
-    print(f"the compiled step took {compile_seconds:.1f} s to compile and warm up, before its timing")
+    print(f"the compiled step took {compile_seconds:.1f} s to compile and warm up, before its timing; the CPU "
+          f"speed-up (core/cpu_speedups.py) {ours_tps / plain_tps:.2f}x plain PyTorch, eager")
     print(f"ours (best) / HF = {best / hf_tps:5.2f}x (goal 1.5x); ours / no cache = {best / no_cache_tps:5.2f}x "
           f"(goal 10x); ours / bandwidth ceiling {best / bandwidth_ceiling:.1%} (goal 60%)")
 

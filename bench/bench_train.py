@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,10 +38,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bench.hardware import describe_hardware
-from core.attention import use_measured_attention
 from core.cli import StageParser
-from core.devices import keep_freed_memory
+from core.cpu_speedups import keep_freed_memory
 from core.hf import config_to_hf, state_dict_to_hf
 from core.mfu import flops_per_token, measured_peak
 from core.optim import make_optimizer
@@ -70,7 +71,6 @@ def make_models(shape: dict) -> tuple[GPT, GPT2LMHeadModel]:
         setattr(hf_config, name, 0.0)
     reference = GPT2LMHeadModel(hf_config)
     reference.load_state_dict(state_dict_to_hf(ours), strict=False)  # strict=False: tied lm_head
-    use_measured_attention(ours)  # as train_gpt2.py does on a CPU (core/attention.py)
     return ours.train(), reference.train()
 
 
@@ -144,7 +144,10 @@ def fast_enough(dtype_name: str, peak: float, shape: dict, batch: int, seq_len: 
 
 
 def run_one(config_name: str, impl: str, dtype_name: str, mode: str, steps: int, warmup: int) -> dict:
-    """One row, in this process: `impl` ours, HF, or train_gpt2 (its defaults, dtype and mode its own)."""
+    """One row, in this process: `impl` ours, HF, or train_gpt2 (its defaults, dtype and mode its own;
+    with `dtype_name` "plain", its CPU speed-ups off: what they add, side by side)."""
+    if impl == "train_gpt2" and dtype_name == "plain":
+        os.environ["GPT2_TOOLKIT_CPU_SPEEDUPS"] = "off"
     keep_freed_memory(torch.device("cpu"))  # as the trainers do, for both models
     shape, batch, seq_len = CONFIGS[config_name]
     if impl == "train_gpt2":
@@ -192,7 +195,7 @@ def main() -> None:
     print(describe_hardware())
     keeps = keep_freed_memory(torch.device("cpu"))  # what each row's process does, as the trainers do
     print("each row in a process of its own; glibc malloc " + ("keeps freed memory, as in train_gpt2.py" if keeps
-          else "as the caller set it up, or not glibc's") + " (core.devices.keep_freed_memory)")
+          else "as the caller set it up, or not glibc's") + " (core.cpu_speedups.keep_freed_memory)")
     peaks = {name: measured_peak(torch.device("cpu"), DTYPES[name], seconds=2.0) for name in args.dtypes.split(",")}
     print("matmul peak measured here: " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items())
           + "; each row's MFU is against the peak its process measured after its steps")
@@ -213,23 +216,23 @@ def bench_config(config_name: str, peaks: dict[str, float], args: argparse.Names
         return
     rows = [(impl, dtype_name, mode)
             for dtype_name in dtypes for mode in args.modes.split(",") for impl in ("ours", "HF")]
-    rows.append(("train_gpt2", "", ""))
+    rows += [("train_gpt2", "", ""), ("train_gpt2", "plain", "")]
     step_flops_per_token = model_flops_per_token(shape, seq_len)
     results: dict[tuple, list[dict]] = {row: [] for row in rows}
     for round_index in range(args.rounds):
         for row in rows if round_index % 2 == 0 else rows[::-1]:
             result = run_apart(config_name, *row, args.steps, args.warmup)
             results[row].append(result)
-            if args.rounds == 1 and row[0] != "train_gpt2":  # that one is reported with the ratios
+            if args.rounds == 1 and row[0] != "train_gpt2":  # those are reported with the ratios
                 report_row(row, [result], step_flops_per_token)
     if args.rounds > 1:
-        for row in rows[:-1]:
+        for row in rows[:-2]:
             report_row(row, results[row], step_flops_per_token)
     speed = {row: statistics.median(r["tokens_per_second"] for r in results[row]) for row in rows}
-    best = {impl: max((row for row in rows[:-1] if row[0] == impl), key=speed.get) for impl in ("ours", "HF")}
-    own = speed[rows[-1]]
+    best = {impl: max((row for row in rows[:-2] if row[0] == impl), key=speed.get) for impl in ("ours", "HF")}
+    own, plain = speed[rows[-2]], speed[rows[-1]]
     print(f"  train_gpt2.py with its defaults: {own:9.1f} tokens/s, {own / speed[best['ours']]:.2f} of best ours "
-          f"(goal: within 10%)")
+          f"(goal: within 10%); with GPT2_TOOLKIT_CPU_SPEEDUPS=off {plain:9.1f} ({own / plain:.2f}x)")
     goal = 1.5 if config_name == "small" else 1.2
     print(f"  best ours ({' '.join(best['ours'][1:])}) / best HF ({' '.join(best['HF'][1:])}) = "
           f"{speed[best['ours']] / speed[best['HF']]:.2f}x (goal {goal}x)")

@@ -7,7 +7,8 @@ import platform
 
 import torch
 
-from core.devices import caller_malloc_settings, cpu_name
+from core.cpu_speedups import caller_malloc_settings
+from core.devices import cpu_name
 
 
 def describe_hardware() -> str:

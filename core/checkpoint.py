@@ -94,18 +94,6 @@ def _retired_name(folder: Path) -> Path:
     return folder.with_name(f".{folder.name}.old")
 
 
-def load_checkpoint(folder: Path | str) -> tuple[GPT, dict[str, Any]]:
-    """Our model (fp32, CPU) and the checkpoint's metadata."""
-    folder = Path(folder)
-    recover_interrupted_save(folder)
-    config, weights, meta = read_checkpoint(folder)
-    try:
-        model = GPT.from_state_dict(config, weights)
-    except UserError as error:
-        raise UserError(f"{folder}: {error}") from None
-    return model.float(), meta
-
-
 def read_checkpoint(folder: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """A checkpoint's model config, its weights in our layout (a file written from a DDP or compiled
     wrapper's state dict included), and its metadata."""

@@ -57,11 +57,6 @@ class Settings:
         return cls.from_values(values)
 
     @classmethod
-    def from_toml(cls, path: Path) -> Self:
-        """The settings of a TOML file alone (the defaults for what it leaves out), checked."""
-        return cls.from_values(cls.read_toml(path))
-
-    @classmethod
     def from_values(cls, values: dict[str, Any]) -> Self:
         settings = cls(**values)
         settings.check()

@@ -49,9 +49,7 @@ from core.scoring import (
 from core.tokenizer import Tokenizer
 from model import GPT
 
-# GPT2_TOOLKIT_CORE_BUNDLE_URL points the download at a mirror (or, in the tests, at a local server).
-CORE_BUNDLE_URL = os.environ.get("GPT2_TOOLKIT_CORE_BUNDLE_URL",
-                                 "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip")
+CORE_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 FEWSHOT_SEED = 1234  # DCLM's and nanochat's: item i draws its examples with random.Random(1234 + i)
 
@@ -125,20 +123,22 @@ def bundle_folder_on_every_rank(path: Path | None = None, flag: str = "--bundle"
 
 
 def _download_bundle(folder: Path, advice: str) -> None:
+    # GPT2_TOOLKIT_CORE_BUNDLE_URL points the download at a mirror (or, in the tests, at a local server).
+    url = os.environ.get("GPT2_TOOLKIT_CORE_BUNDLE_URL", CORE_BUNDLE_URL)
     archive = folder.with_name("eval_bundle.zip")
-    download(CORE_BUNDLE_URL, archive, advice, looks_right=zipfile.is_zipfile, what="a zip archive")
+    download(url, archive, advice, looks_right=zipfile.is_zipfile, what="a zip archive")
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     with zipfile.ZipFile(archive) as bundle:
         for name in bundle.namelist():  # no member may land outside the staging folder
             if name.startswith(("/", "\\")) or ".." in Path(name).parts:
-                raise UserError(f"{CORE_BUNDLE_URL}: refusing the archive member {name!r}")
+                raise UserError(f"{url}: refusing the archive member {name!r}")
         bundle.extractall(staging)
     unpacked = next((candidate for candidate in (staging, staging / "eval_bundle")
                      if (candidate / "core.yaml").is_file()), None)
     if unpacked is None or not (unpacked / "eval_meta_data.csv").is_file() or not (unpacked / "eval_data").is_dir():
         shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"{CORE_BUNDLE_URL} holds no core.yaml, eval_meta_data.csv and eval_data/. {advice}")
+        raise UserError(f"{url} holds no core.yaml, eval_meta_data.csv and eval_data/. {advice}")
     unpacked.rename(folder)
     shutil.rmtree(staging, ignore_errors=True)
     archive.unlink()

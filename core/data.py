@@ -27,6 +27,15 @@ from core.errors import UserError
 from core.shards import list_shards, open_shard, read_shard_info
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on `device`. On CUDA through pinned memory, so that the copy runs asynchronously;
+    elsewhere a plain copy: `non_blocking` from pageable memory is a known silent-corruption pattern
+    on MPS (pytorch#139550)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def check_shards(paths: list[Path], tokenizer: str) -> None:
     """Every shard is readable and made with `tokenizer`, checked from the headers before training starts."""
     for path in paths:

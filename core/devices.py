@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import os
 import platform
 
 import torch
@@ -60,15 +58,6 @@ def resolve_dtype(name: str, device: torch.device, cpu_bfloat16: bool = False) -
     return DTYPES[name]
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host batch on `device`. On CUDA through pinned memory, so that the copy runs asynchronously;
-    elsewhere a plain copy: `non_blocking` from pageable memory is a known silent-corruption pattern
-    on MPS (pytorch#139550)."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
 def accumulation_dtype(device: torch.device) -> torch.dtype:
     """The dtype of sums over many batches (val loss, accuracy counts): float64, except on MPS, which
     has no float64 (pytorch#122602)."""
@@ -94,36 +83,6 @@ def settle_cpu_threads(device: torch.device) -> None:
         torch.ones(1 << 20).exp_()
 
 
-# glibc's own ways of setting malloc up: a caller who uses any of them is left to them.
-MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameters, from glibc's <malloc.h>
-
-
-def caller_malloc_settings() -> dict[str, str]:
-    """The environment's settings of glibc's malloc: its variables, and GLIBC_TUNABLES if it tunes malloc."""
-    settings = {name: os.environ[name] for name in MALLOC_VARIABLES if name in os.environ}
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        settings["GLIBC_TUNABLES"] = os.environ["GLIBC_TUNABLES"]
-    return settings
-
-
-def keep_freed_memory(device: torch.device) -> bool:
-    """On the CPU under glibc, tell malloc to keep the memory a process frees for its next requests;
-    whether it did. glibc hands every freed block over 32 MB back to the system and maps a fresh one at
-    the next request, so each large tensor of a training step (a chunk of logits, autocast's bfloat16
-    copies of the weights, the gradients) paid a page fault per 4 KB, every step: 1.5x slower steps on
-    the README's Xeon. The process then holds its peak memory, which it needs again every step anyway.
-    Called before the model is built: a block mapped before the call is still returned when freed.
-    Nothing changes where the caller set malloc up (`caller_malloc_settings`), which this call would
-    otherwise override."""
-    if device.type != "cpu" or platform.libc_ver()[0] != "glibc" or caller_malloc_settings():
-        return False
-    libc = ctypes.CDLL(None)  # the C library this process already runs on
-    # No block gets a mapping of its own, and the heap's free top is never trimmed (glibc stores the
-    # threshold as a size_t: -1 is the largest), so freed blocks stay in the heap for the next request.
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     """"bfloat16" for torch.bfloat16: the spelling of --dtype, for reports and config.toml."""
     return str(dtype).removeprefix("torch.")
@@ -138,7 +97,7 @@ def cpu_has_native_bfloat16() -> bool:
     return any(flag in NATIVE_BFLOAT16_FLAGS for flag in _cpuinfo("flags", "Features").split())
 
 
-@functools.cache  # read once: core/matmul.py names its per-machine answers with it
+@functools.cache  # read once: the processor does not change while a process runs
 def cpu_name() -> str:
     """The processor's model name ("AMD EPYC 9R14", ...), for benchmarks and per-machine answers."""
     return _cpuinfo("model name") or platform.processor() or platform.machine()

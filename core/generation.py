@@ -5,10 +5,6 @@ A decode step runs a few hundred small ops around its matmuls; `compiled=True` r
 torch.compile'd graph over a static KV cache instead (gpt-fast's recipe), and on CUDA as a CUDA graph.
 Compiling takes seconds to minutes: `compile_decode_step` does it ahead, on the cache that the
 generation will then use, so that no tokens/s figure counts it.
-
-An eager generation's KV cache keeps its keys and values in the model's dtype or in float32, whichever
-this machine attends faster in (`kv_cache_dtype`): on some CPUs, flash attention of one bfloat16 query
-runs well behind float32's (the README's benchmark tables give figures, with the machines named).
 """
 
 from __future__ import annotations
@@ -22,18 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from core.cache import fastest, forced_answer, measured_once
-from core.devices import cpu_name, synchronize
+from core.devices import synchronize
 from model import GPT, KVCache
-
-# GPT2_TOOLKIT_KV_CACHE=model or =float32 takes that dtype for every eager KV cache and measures
-# nothing (what the tests run with); by default each shape is measured once per machine.
-KV_CACHE_DTYPES = ("model", "float32")
-KV_CACHE_FILE = "kv_cache_dtypes.json"
-# float32 must attend faster by this factor to be chosen: it costs the cache's memory twice over.
-KV_CACHE_MARGIN = 1.1
 
 
 @dataclass(frozen=True)
@@ -161,46 +148,10 @@ def compile_decode_step(model: GPT, num_samples: int, prompt_length: int, max_ne
     step = _compiled_decode_step(model.device.type)
     with torch.inference_mode(), model.evaluating():  # as in stream_tokens: the graph guards on both
         idx = torch.zeros(num_samples, 1, dtype=torch.long, device=model.device)
-        decode_step(model, idx, cache)  # eagerly first: core/matmul.py times its choices outside the graph
         for _ in range(3):  # CUDA graphs are recorded on the second or third call
             step(model, idx, cache)
     synchronize(model.device)
     return time.perf_counter() - start
-
-
-def kv_cache_dtype(model: GPT, num_samples: int, positions: int) -> torch.dtype:
-    """The dtype of the KV cache of an eager generation of `num_samples` rows over `positions`: the
-    model's, or on a CPU float32 where one query attends faster in it (the model then widens its
-    queries to match). Measured once per machine and shape and kept in the cache folder, since the
-    two round differently: two runs with one seed must sample alike."""
-    dtype = model.transformer.wte.weight.dtype
-    if model.device.type != "cpu" or dtype == torch.float32:
-        return dtype
-    setting = forced_answer("GPT2_TOOLKIT_KV_CACHE", KV_CACHE_DTYPES)
-    if setting is None:
-        config = model.config
-        length = static_cache_length(positions, config.block_size)  # one measurement per power of two
-        key = (f"{cpu_name()} | torch {torch.__version__}, {torch.get_num_threads()} threads | {num_samples} rows x "
-               f"{config.n_head} heads x {config.head_dim}, {length} positions, {dtype}")
-        measure = functools.partial(faster_attention_dtype, num_samples, config.n_head, config.head_dim, length, dtype)
-        setting = measured_once(KV_CACHE_FILE, key, KV_CACHE_DTYPES, measure)
-    return torch.float32 if setting == "float32" else dtype
-
-
-@torch.inference_mode()
-def faster_attention_dtype(rows: int, heads: int, head_dim: int, length: int, dtype: torch.dtype) -> str:
-    """"float32" if one query attends over `length` cached positions faster in float32 than in `dtype`
-    (by KV_CACHE_MARGIN, core.cache.fastest), as the model computes it: queries widened, the result
-    narrowed; else "model"."""
-    keys = {name: torch.randn(rows, heads, length, head_dim, dtype=cache_dtype)
-            for name, cache_dtype in (("model", dtype), ("float32", torch.float32))}
-    query = torch.randn(rows, heads, 1, head_dim, dtype=dtype)
-    calls = {name: functools.partial(_attend_one_query, query, k) for name, k in keys.items()}
-    return fastest(calls, "model", KV_CACHE_MARGIN, timed_calls=5)
-
-
-def _attend_one_query(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(query.to(keys.dtype), keys, keys).to(query.dtype)
 
 
 @torch.inference_mode()
@@ -226,8 +177,7 @@ def stream_tokens(model: GPT, prompt: list[int], num_samples: int, max_new_token
     if compiled:
         cache = static_cache(model, num_samples, positions)
     else:
-        cache = KVCache(model.config, num_samples, positions, device=device,
-                        dtype=kv_cache_dtype(model, num_samples, positions))
+        cache = KVCache(model.config, num_samples, positions, device=device, dtype=model.transformer.wte.weight.dtype)
     step = _compiled_decode_step(device.type) if compiled else decode_step
     # The prompt is the same for every sample: prefill it once, at batch 1; KVCache.update copies
     # its keys and values into every row, and its logits serve every sample's first draw.

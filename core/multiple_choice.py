@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from core.checkpoint import read_meta
 from core.devices import accumulation_dtype
 from core.errors import UserError
-from core.evaluation import Example, read_hellaswag_rows, tokenize_example
-from core.pretrained import load_model_and_tokenizer
+from core.hellaswag import Example, read_hellaswag_rows, tokenize_example
 from core.scoring import batches_by_length
 from core.tokenizer import Tokenizer, added_tokens, with_added_tokens
 from core.weights import read_tensor_file
@@ -183,7 +182,7 @@ def encode_questions(questions: list[Question], tokenizer: Tokenizer, markers: M
 
 
 def zero_shot_examples(questions: list[Question], tokenizer: Tokenizer, block_size: int) -> list[Example]:
-    """The questions as core.evaluation scores them zero-shot (the likelihood of each ending after the
+    """The questions as core.hellaswag scores them zero-shot (the likelihood of each ending after the
     context, as hellaswag.py), contexts cropped from the left to fit block_size."""
     examples = []
     for question in questions:
@@ -299,17 +298,14 @@ def accuracy(model: MultipleChoiceModel, encoded: list[Encoded], batch_size: int
 CLASSIFIER_FILE = "classifier.safetensors"
 
 
-def load_multiple_choice_model(folder: Path | str, device: torch.device | str = "cpu"
-                               ) -> tuple[MultipleChoiceModel, Tokenizer, Markers]:
-    """A checkpoint that finetune_mc.py saved (LOG_DIR/best), in eval mode: the LM with its classifier,
-    its tokenizer (markers included) and the marker ids."""
+def with_classifier(gpt: GPT, folder: Path | str) -> tuple[MultipleChoiceModel, Markers]:
+    """`gpt`, loaded from a checkpoint that finetune_mc.py saved (core.pretrained.load_model), with the
+    classifier saved beside its weights, in eval mode on the model's device; and the marker ids."""
     folder = Path(folder)
     meta = read_meta(folder)
     if not isinstance(meta.get("markers"), dict) or not (folder / CLASSIFIER_FILE).is_file():
         raise UserError(f"{folder} is not a multiple-choice checkpoint of finetune_mc.py (no markers in meta.json, "
                         f"or no {CLASSIFIER_FILE})")
-    gpt, tokenizer = load_model_and_tokenizer(str(folder))
     head = ChoiceHead(gpt.config.n_embd, dropout=0.0)
     head.load_state_dict(read_tensor_file(folder / CLASSIFIER_FILE))
-    model = MultipleChoiceModel(gpt, head).to(device).eval()
-    return model, tokenizer, Markers(**meta["markers"])
+    return MultipleChoiceModel(gpt, head).to(gpt.device).eval(), Markers(**meta["markers"])

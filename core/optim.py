@@ -1,15 +1,11 @@
-"""The optimizers and the learning-rate schedules.
-
-Optimizers: AdamW with weight decay on the 2-D weights only (GPT-2, build-nanogpt), or Muon
-(core/muon.py) for the 2-D weights inside the blocks with AdamW for the rest. Schedules: warmup +
-cosine (pre-training, GPT-2/GPT-3), warmup + stable + decay (WSD, the trapezoid of modded-nanogpt and
-nanochat), warmup + linear decay to zero (GPT-1's fine-tuning).
+"""The optimizers: AdamW with weight decay on the 2-D weights only (GPT-2, build-nanogpt), or Muon
+(core/muon.py) for the 2-D weights inside the blocks with AdamW for the rest. The learning-rate
+schedules live in the trainers that follow them (train_gpt2.py, finetune_mc.py), beside their step.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 from torch import nn
@@ -55,7 +51,8 @@ def muon_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 class MuonWithAdamW:
     """Muon for the blocks' matrices and AdamW for every other parameter, stepped, zeroed, saved and
-    loaded as one optimizer. One schedule drives both: Muon's lr is `muon_lr / adamw_lr` times AdamW's."""
+    loaded as one optimizer. One schedule drives both: Muon's groups carry `lr_scale`, `muon_lr /
+    adamw_lr`, and a trainer sets each group's lr to the schedule's times its `lr_scale` (1 when absent)."""
 
     def __init__(self, model: nn.Module, adamw_lr: float, muon_lr: float, weight_decay: float,
                  betas: tuple[float, float], eps: float, muon_momentum: float, muon_weight_decay: float,
@@ -64,24 +61,20 @@ class MuonWithAdamW:
         taken = {id(p) for _, p in hidden}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
         # c_attn stacks the query, key and value matrices: orthogonalized as three, as modded-nanogpt does
+        self.muon_lr_scale = muon_lr / adamw_lr
         groups = [{"params": [p for name, p in hidden if name.endswith("attn.c_attn.weight")], "blocks": 3},
                   {"params": [p for name, p in hidden if not name.endswith("attn.c_attn.weight")], "blocks": 1}]
+        for group in groups:
+            group["lr_scale"] = self.muon_lr_scale
         # bfloat16 Newton-Schulz on GPUs, as modded-nanogpt; float32 where bfloat16 matmuls may be slow
         self.muon = Muon([g for g in groups if g["params"]], lr=muon_lr, momentum=muon_momentum,
                          weight_decay=muon_weight_decay,
                          newton_schulz_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.adamw = _adamw(_split_by_decay(rest, weight_decay), adamw_lr, betas, eps, device)
-        self.muon_lr_scale = muon_lr / adamw_lr
 
     @property
     def param_groups(self) -> list[dict]:
         return self.muon.param_groups + self.adamw.param_groups
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.adamw.param_groups:
-            group["lr"] = lr
-        for group in self.muon.param_groups:
-            group["lr"] = lr * self.muon_lr_scale
 
     def step(self) -> None:
         self.muon.step()
@@ -97,6 +90,8 @@ class MuonWithAdamW:
     def load_state_dict(self, state: dict) -> None:
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
+        for group in self.muon.param_groups:  # this run's muon_lr, not the saved one's
+            group["lr_scale"] = self.muon_lr_scale
 
 
 Optimizer = torch.optim.AdamW | MuonWithAdamW
@@ -111,62 +106,9 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
     return MuonWithAdamW(model, lr, muon_lr, weight_decay, betas, eps, muon_momentum, muon_weight_decay, device)
 
 
-def set_learning_rate(optimizer: Optimizer, lr: float) -> None:
-    """Every group at `lr`; Muon's at its multiple of it."""
-    if isinstance(optimizer, MuonWithAdamW):
-        optimizer.set_lr(lr)
-    else:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-
 def load_optimizer_state(optimizer: Optimizer, state: dict, name: str, where: str) -> None:
     """`state` into `optimizer`, refusing in one line a checkpoint of the other optimizer."""
     saved = "muon" if set(state) == {"muon", "adamw"} else "adamw"
     if saved != name:
         raise UserError(f"{where} was trained with optimizer {saved!r}, not {name!r}: pass --optimizer {saved}")
     optimizer.load_state_dict(state)
-
-
-def learning_rate(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Linear warmup to max_lr over warmup_steps (step 0 already gets max_lr / warmup_steps), then a
-    cosine from max_lr down to min_lr at max_steps; min_lr after that. It depends on the step alone,
-    so a resumed run picks the schedule up where it stopped."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-
-
-def linear_learning_rate(step: int, max_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """GPT-1's fine-tuning schedule: linear warmup to max_lr over warmup_steps (step 0 already gets
-    max_lr / warmup_steps), then a straight line down to 0 at max_steps."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    return max_lr * max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
-
-
-def wsd_learning_rate(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int,
-                      decay_fraction: float) -> float:
-    """Warmup-stable-decay: linear warmup to max_lr over warmup_steps (step 0 already gets
-    max_lr / warmup_steps), max_lr until the last `decay_fraction` of max_steps, then a straight line
-    down to min_lr at max_steps; min_lr after that. A run can be extended from any checkpoint taken
-    before the decay, which cosine does not allow (Hagele et al. 2024, arXiv 2405.18392)."""
-    decay_start = max_steps - round(decay_fraction * max_steps)
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    if step < decay_start:
-        return max_lr
-    return min_lr + (max_lr - min_lr) * (max_steps - step) / max(1, max_steps - decay_start)
-
-
-def scheduled_learning_rate(schedule: str, step: int, max_lr: float, min_lr: float, warmup_steps: int,
-                            max_steps: int, decay_fraction: float) -> float:
-    """The lr of `step` under the schedule named "cosine" (`learning_rate`) or "wsd" (`wsd_learning_rate`)."""
-    if schedule == "wsd":
-        return wsd_learning_rate(step, max_lr, min_lr, warmup_steps, max_steps, decay_fraction)
-    return learning_rate(step, max_lr, min_lr, warmup_steps, max_steps)

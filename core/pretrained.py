@@ -26,16 +26,10 @@ _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 def load_model(spec: str, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[GPT, str]:
-    """The model named by `spec`, in eval mode on `device`, and the name of its tokenizer."""
-    model, tokenizer, _, _ = _load(spec)
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
-
-
-def load_model_and_tokenizer(spec: str, device: torch.device | str = "cpu",
-                             dtype: torch.dtype = torch.float32) -> tuple[GPT, Tokenizer]:
-    """The model named by `spec`, in eval mode on `device`, and its tokenizer, added tokens included
-    (GPT-1's is read from the files in the model's folder)."""
+               dtype: torch.dtype = torch.float32) -> tuple[GPT, Tokenizer]:
+    """The model named by `spec`, in eval mode on `device` in `dtype`, and its tokenizer, added tokens
+    included (GPT-1's is read from the files in the model's folder). The one way every stage loads a
+    model; anything machine-specific (TF32, core/cpu_speedups.py) is the stage's own call."""
     model, name, folder, added = _load(spec)
     tokenizer = load_tokenizer(name, folder, added)
     if model.config.vocab_size > tokenizer.n_vocab:

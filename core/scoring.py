@@ -1,5 +1,5 @@
 """How a model scores continuations: the loss and the greedy guess at every scored token of many
-candidate sequences, in few forward passes. HellaSwag (core/evaluation.py) and CORE
+candidate sequences, in few forward passes. HellaSwag (core/hellaswag.py) and CORE
 (core/core_benchmark.py) both score through it.
 
 A question is a few candidates, token sequences that usually share a prefix (the few-shot examples,
@@ -23,28 +23,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from core.devices import enable_tf32, keep_freed_memory, resolve_dtype
-from core.matmul import use_measured_matmuls
-from core.pretrained import load_model_and_tokenizer
-from core.tokenizer import Tokenizer
 from model import GPT
 
 Item = TypeVar("Item")
 
 
-def load_model_to_score(spec: str, device: torch.device, dtype_setting: str) -> tuple[GPT, Tokenizer, torch.dtype]:
-    """The model and tokenizer of `spec`, and the dtype that `dtype_setting` (auto, float32, ...) means on
-    `device`. Scored as training computes it: float32 weights, under `scoring_autocast` for bfloat16, so
-    that a stage's number and the training run's agree on the same checkpoint (float16 keeps float16
-    weights); TF32 on CUDA; on a CPU, glibc's malloc keeping freed memory, as in training, and the
-    fastest matmul formulation (core/matmul.py)."""
-    enable_tf32(device)
-    keep_freed_memory(device)  # before the model is loaded
-    dtype = resolve_dtype(dtype_setting, device)
-    model, tokenizer = load_model_and_tokenizer(spec, device=device,
-                                                dtype=torch.float16 if dtype == torch.float16 else torch.float32)
-    use_measured_matmuls(model)
-    return model, tokenizer, dtype
+def scoring_weights_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The weights' dtype for scoring in `dtype`: float32 weights under `scoring_autocast` for bfloat16,
+    as training computes, so that a stage's number and the training run's agree on the same checkpoint;
+    float16 keeps float16 weights."""
+    return torch.float16 if dtype == torch.float16 else torch.float32
 
 
 def scoring_autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:

@@ -1,25 +1,16 @@
-"""What every trainer shares: the run's set-up (device, dtype, TF32, malloc keeping freed memory on a
-CPU, compile then DDP, config.toml, stopping on SIGTERM and SIGINT), resumable checkpoints, and the
-one optimizer step that train_gpt2.py and finetune_mc.py both take.
-
-An optimizer step, as build-nanogpt takes it: set the lr; for each micro-batch, forward and backward
-under `no_sync` but on the last (DDP decides in the forward pass whether the backward all-reduces,
-build-nanogpt #30), the loss divided by the number of micro-batches (so that the gradient is the
-batch's mean and the clip threshold means the same whatever the accumulation, nanoGPT #168); the
-loss all-reduced across ranks (logged from rank 0, it would be rank 0's share alone); a guard
-against a non-finite loss before any update; clipping; the update.
+"""What every trainer shares around its optimizer step: the run's set-up (device, dtype, TF32, compile
+then DDP, config.toml, stopping on SIGTERM and SIGINT) and resumable checkpoints. The step itself is
+written out in each trainer, train_gpt2.py and finetune_mc.py, where a reader looks for it.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +18,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from core.attention import use_measured_attention
 from core.checkpoint import save_checkpoint
 from core.config import FinetuneConfig, TrainConfig, to_toml
-from core.devices import dtype_name, enable_tf32, keep_freed_memory, resolve_dtype, settle_cpu_threads
-from core.distributed import Distributed
+from core.devices import dtype_name, enable_tf32, resolve_dtype, settle_cpu_threads
+from core.distributed import Distributed, distributed_run
 from core.errors import UserError
-from core.optim import Optimizer, set_learning_rate
 from core.resume import (
     changed_settings,
     checkpoint_folder,
@@ -49,6 +38,14 @@ from core.runlog import METRICS_FILE, RunLog
 from core.tokenizer import Tokenizer
 
 CPU_MICRO_BATCH = 16  # micro_batch_size = "auto" off CUDA
+
+
+def run_trainer(trainer: Callable[[Any, Distributed], Any], settings: TrainConfig | FinetuneConfig) -> None:
+    """A trainer's process: `trainer(settings, distributed).train()` on every rank of a torchrun (or in
+    one process), an out-of-memory error ending in one line."""
+    with distributed_run(settings.device) as distributed, \
+            out_of_memory_as_one_line(distributed.device, settings.micro_batch_size):
+        trainer(settings, distributed).train()
 
 
 @contextmanager
@@ -71,24 +68,10 @@ def largest_fitting(largest: int, fits: Callable[[int], bool]) -> int:
     return size
 
 
-# A micro-batch's loss to minimise, and the parts worth logging apart (finetune_mc.py's classifier and
-# LM losses), from the training module and one micro-batch.
-LossFunction = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-@dataclass(frozen=True)
-class StepResult:
-    loss: float  # the batch's mean loss, over every rank
-    parts: dict[str, float]  # the means of the loss function's parts, likewise
-    grad_norm: float  # before clipping
-    lr: float
-
-
 class TrainingRun:
     """The machine side of a training run, the same for every trainer: the device and dtype, TF32 on
-    CUDA, glibc's malloc keeping freed memory on a CPU (core.devices.keep_freed_memory), the training
-    module (compiled, then DDP-wrapped), autocast, the resolved settings written to LOG_DIR/config.toml,
-    and SIGTERM / SIGINT turned into a request to stop at a step boundary."""
+    CUDA, the training module (compiled, then DDP-wrapped), autocast, the resolved settings written to
+    LOG_DIR/config.toml, and SIGTERM / SIGINT turned into a request to stop at a step boundary."""
 
     def __init__(self, settings: TrainConfig | FinetuneConfig, distributed: Distributed, log: RunLog) -> None:
         self.distributed, self.log = distributed, log
@@ -102,7 +85,6 @@ class TrainingRun:
             log.print("torch.compile is not supported on Windows: running eagerly")
             self.compile = False
         enable_tf32(self.device)
-        keep_freed_memory(self.device)  # before the model and its first step allocate
         settle_cpu_threads(self.device)
         self.stop: StopSignal | None = None
         self.saved_at = time.monotonic()
@@ -112,11 +94,9 @@ class TrainingRun:
         return self.distributed.world_size
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module that trains: compiled, then DDP-wrapped; on a CPU, its attention measured first
-        (core/attention.py). Evaluation, sampling and saving use the raw model, which shares its
-        weights: shape-changing eval never recompiles the compiled module
+        """The module that trains: compiled, then DDP-wrapped. Evaluation, sampling and saving use the raw
+        model, which shares its weights: shape-changing eval never recompiles the compiled module
         (build-nanogpt #79), and saved names never carry `_orig_mod.` or `module.`."""
-        use_measured_attention(model)  # on a CPU: the faster attention formulation here (core/attention.py)
         wrapped = model
         if self.compile:
             wrapped = torch.compile(wrapped, mode=self.compile_mode)
@@ -292,40 +272,13 @@ class TrainingRun:
             dist.barrier()  # no rank runs ahead of a checkpoint that it may have to resume from
         self.saved_at = time.monotonic()
 
-    # -- the optimizer step -------------------------------------------------------------------------
-
-    def step(self, train_model: torch.nn.Module, optimizer: Optimizer, lr: float,
-             micro_batches: Iterable[Any], accum: int, loss_function: LossFunction, grad_clip: float,
-             step: int) -> StepResult:
-        """One optimizer step over `accum` micro-batches (see the module's docstring). A non-finite
-        loss stops the run before the update, naming the run's newest checkpoint."""
-        set_learning_rate(optimizer, lr)
-        totals, names = None, []
-        for micro_step, batch in enumerate(micro_batches):
-            last = micro_step == accum - 1
-            with nullcontext() if last or self.world_size == 1 else train_model.no_sync():
-                with self.autocast():
-                    loss, parts = loss_function(train_model, batch)
-                (loss / accum).backward()
-            names = list(parts)
-            values = torch.stack([loss.detach().float(), *(part.detach().float() for part in parts.values())])
-            totals = values if totals is None else totals + values
-        totals /= accum
-        if self.world_size > 1:  # gloo has no AVG: sum, then divide (build-nanogpt #4)
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-            totals /= self.world_size
-        loss_value, *part_values = totals.tolist()
-        if not math.isfinite(loss_value):
-            saved = list_checkpoints(self.log.log_dir)
-            kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
-            raise UserError(f"the loss is {loss_value} at step {step}: stopping before the update; {kept}. "
-                            "Lower --max-lr or check the data")
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        max_norm = grad_clip if grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_value, dict(zip(names, part_values, strict=True)), grad_norm, lr)
+    def non_finite_loss(self, loss: float, step: int) -> UserError:
+        """The error that stops a run whose loss is not finite, before the update spreads it into the
+        weights: it names the run's newest checkpoint."""
+        saved = list_checkpoints(self.log.log_dir)
+        kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
+        return UserError(f"the loss is {loss} at step {step}: stopping before the update; {kept}. "
+                         "Lower --max-lr or check the data")
 
 
 class StopSignal:

@@ -39,12 +39,7 @@ for _name in [name for name in os.environ if _caller_setting(name)]:
     del os.environ[_name]
 _CACHES = Path(tempfile.mkdtemp(prefix="gpt2-toolkit-tests-"))
 os.environ.update(HF_HOME=str(_CACHES / "huggingface"), GPT2_TOOLKIT_CACHE=str(_CACHES / "gpt2-toolkit"),
-                  TIKTOKEN_CACHE_DIR=str(_CACHES / "tiktoken"),
-                  # core/matmul.py takes F.linear for every product and core/attention.py SDPA for every
-                  # attention instead of timing the formulations, and generation keeps its KV cache in the
-                  # model's dtype, so that no result depends on this machine's speed; test_matmul.py,
-                  # test_attention.py and test_generation.py cover the rest.
-                  GPT2_TOOLKIT_MATMUL="linear", GPT2_TOOLKIT_ATTENTION="flash", GPT2_TOOLKIT_KV_CACHE="model")
+                  TIKTOKEN_CACHE_DIR=str(_CACHES / "tiktoken"))
 # Subprocesses load network_guard/sitecustomize.py at startup; this process imports it now.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(NETWORK_GUARD), *filter(None, [os.environ.get("PYTHONPATH")])])
 _guard_spec = importlib.util.spec_from_file_location("_network_guard", NETWORK_GUARD / "sitecustomize.py")

@@ -1,13 +1,13 @@
 """The plainest HellaSwag scorer, build-nanogpt's method: one example per forward pass, its endings
 as rows padded to the longest, losses masked to the ending tokens. The reference for
-evaluation.py, used by tests/test_hellaswag.py and bench/bench_hellaswag.py."""
+core/hellaswag.py, used by tests/test_hellaswag.py and bench/bench_hellaswag.py."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from core.evaluation import Example
+from core.hellaswag import Example
 from model import GPT
 
 

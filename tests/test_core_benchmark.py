@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import core.core_benchmark as core_benchmark
 from core.core_benchmark import (
     Task,
     TaskScore,
@@ -322,7 +321,7 @@ def test_the_bundle_is_downloaded_once_into_the_cache(bundle_server: tuple[str, 
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture) -> None:
     url, requests = bundle_server
-    monkeypatch.setattr(core_benchmark, "CORE_BUNDLE_URL", url)
+    monkeypatch.setenv("GPT2_TOOLKIT_CORE_BUNDLE_URL", url)
     monkeypatch.setenv("GPT2_TOOLKIT_CACHE", str(tmp_path / "cache"))
     args = ["-m", str(model_folder), "--device", "cpu", "--dtype", "float32", "--no-progress", "--json"]
     for _ in range(2):

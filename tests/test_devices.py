@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -124,54 +123,3 @@ def test_gpu_check_explains_itself_without_a_gpu() -> None:
         "gpu_check.py needs a CUDA GPU, and this machine has none (torch.cuda.is_available() is False)"]
 
 
-# A process frees a 64 MB tensor and prints by how many bytes its resident memory shrank; then, after 15
-# rounds of taking and freeing 64 MB, how much 5 more rounds added. glibc does not reuse every kept block
-# at once (aligned requests can miss a hole of their own size: the heap grew by 7 blocks here before it
-# settled), but a repeated pattern, such as a training step's, must settle rather than grow for ever.
-FREE_A_LARGE_TENSOR = """
-import os, sys
-import torch
-from core.devices import keep_freed_memory
-
-kept = keep_freed_memory(torch.device(sys.argv[1]))
-def resident() -> int:
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-tensor = torch.ones(64 << 20, dtype=torch.uint8)
-before = resident()
-del tensor
-shrunk = before - resident()
-for repeat in range(20):
-    if repeat == 15:
-        settled = resident()
-    tensor = torch.ones(64 << 20, dtype=torch.uint8)
-    del tensor
-print(kept, shrunk, resident() - settled)
-"""
-
-
-def _run_free_a_large_tensor(device: str, **environment: str) -> tuple[bool, int, int]:
-    env = {name: value for name, value in os.environ.items()
-           if name not in (*devices.MALLOC_VARIABLES, "GLIBC_TUNABLES")}
-    result = subprocess.run([sys.executable, "-c", FREE_A_LARGE_TENSOR, device], capture_output=True, text=True,
-                            timeout=HANG_GUARD_SECONDS, cwd=Path(__file__).resolve().parents[1],
-                            env={**env, **environment})
-    assert result.returncode == 0, result.stderr
-    kept, shrunk, grown = result.stdout.split()
-    return kept == "True", int(shrunk), int(grown)
-
-
-@pytest.mark.skipif(not Path("/proc/self/statm").is_file() or platform.libc_ver()[0] != "glibc",
-                    reason="glibc's malloc on Linux")
-def test_training_on_the_cpu_keeps_freed_memory_unless_the_caller_says_otherwise() -> None:
-    """Without keep_freed_memory glibc returns a freed 64 MB block to the system at once (the next
-    step's tensor then page-faults in afresh); with it, the block stays and repeated requests settle
-    into reusing what is kept. A caller's MALLOC_* variable or glibc.malloc tunable wins, and nothing
-    changes off the CPU."""
-    mb = 1 << 20
-    kept, shrunk, _ = _run_free_a_large_tensor("meta")  # not the CPU: glibc's defaults stand
-    assert not kept and shrunk > 48 * mb
-    kept, shrunk, grown = _run_free_a_large_tensor("cpu")
-    assert kept and shrunk < 16 * mb and grown < 16 * mb
-    for setting in ({"MALLOC_TRIM_THRESHOLD_": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}):
-        kept, shrunk, _ = _run_free_a_large_tensor("cpu", **setting)
-        assert not kept and shrunk > 48 * mb, setting

@@ -13,9 +13,8 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from core import generation, matmul
+from core import cpu_speedups, generation
 from core.checkpoint import save_checkpoint
-from core.errors import UserError
 from core.generation import (
     Sampling,
     TextStream,
@@ -24,7 +23,6 @@ from core.generation import (
     decode_step,
     fit_to_context,
     generate,
-    kv_cache_dtype,
     sample_next,
     static_cache_length,
 )
@@ -54,15 +52,12 @@ def recomputed_greedy(model: GPT, prompt: list[int], new_tokens: int) -> list[in
     return sequence[len(prompt):]
 
 
-@pytest.mark.parametrize("formulation", [None, *matmul.FORMULATIONS], ids=["model", *matmul.FORMULATIONS])
-def test_greedy_with_cache_equals_argmax_of_full_recomputation(formulation: str | None,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    # The model as it is, and under sample.py's opt-in (core/matmul.py) with each formulation forced.
+@pytest.mark.parametrize("opted_in", [False, True], ids=["plain", "sample.py's opt-in"])
+def test_greedy_with_cache_equals_argmax_of_full_recomputation(opted_in: bool) -> None:
     model = small_model()
-    if formulation is not None:
-        monkeypatch.setattr(matmul, "forced_choice", lambda: formulation)
-        matmul.use_measured_matmuls(model)
-        assert type(model.lm_head) is matmul.MeasuredLinear
+    if opted_in:  # sample.py's CPU speed-up: oneDNN's product over kept weight copies (core/cpu_speedups.py)
+        cpu_speedups.speed_up_generation(model)
+        assert type(model.lm_head) is cpu_speedups.PackedLinear
     prompt = [5, 17, 42, 3]
     generated = generate(model, prompt, num_samples=2, max_new_tokens=30, sampling=Sampling(greedy=True))
     expected = recomputed_greedy(model, prompt, 30)
@@ -232,35 +227,13 @@ def test_a_float32_cache_serves_a_bfloat16_model(monkeypatch: pytest.MonkeyPatch
         logits = decoded_logits(model, tokens, cache)
         assert cache.k[0].dtype == torch.float32 and logits.dtype == torch.bfloat16
         assert (logits.float() - expected).abs().max() <= 1.5 * bfloat16_error
-    # generate() keeps its cache in the dtype that kv_cache_dtype gives
-    monkeypatch.setenv("GPT2_TOOLKIT_KV_CACHE", "float32")
+    # generate() keeps its cache in the model's dtype
     caches: list[KVCache] = []
     monkeypatch.setattr(generation, "KVCache", lambda *args, **kwargs: caches.append(KVCache(*args, **kwargs))
                         or caches[-1])
-    assert kv_cache_dtype(model, 2, 20) == torch.float32
     generate(model, tokens[:4], 2, 5, Sampling(greedy=True))
-    assert [cache.k[0].dtype for cache in caches] == [torch.float32]
+    assert [cache.k[0].dtype for cache in caches] == [torch.bfloat16]
 
-
-def test_the_kv_cache_dtype_is_measured_once_per_length_class_and_kept(monkeypatch: pytest.MonkeyPatch,
-                                                                        tmp_path: Path) -> None:
-    monkeypatch.setenv("GPT2_TOOLKIT_CACHE", str(tmp_path))
-    monkeypatch.setenv("GPT2_TOOLKIT_KV_CACHE", "measure")
-    assert generation.faster_attention_dtype(2, 2, 16, 64, torch.bfloat16) in generation.KV_CACHE_DTYPES
-    measured: list[tuple] = []
-    monkeypatch.setattr(generation, "faster_attention_dtype", lambda *shape: measured.append(shape) or "float32")
-    model = small_model(block_size=256).to(torch.bfloat16)
-    assert [kv_cache_dtype(model, 3, positions) for positions in (10, 40, 100, 200)] == [torch.float32] * 4
-    assert measured == [(3, 2, 16, length, torch.bfloat16) for length in (64, 128, 256)]
-    assert set(json.loads((tmp_path / generation.KV_CACHE_FILE).read_text()).values()) == {"float32"}
-    monkeypatch.setattr(generation, "faster_attention_dtype", lambda *shape: pytest.fail("measured again"))
-    assert kv_cache_dtype(model, 3, 50) == torch.float32  # a later process reads the file
-    assert kv_cache_dtype(model.float(), 3, 50) == torch.float32  # nothing to widen: no measurement
-    monkeypatch.setenv("GPT2_TOOLKIT_KV_CACHE", "model")
-    assert kv_cache_dtype(model.to(torch.bfloat16), 3, 50) == torch.bfloat16
-    monkeypatch.setenv("GPT2_TOOLKIT_KV_CACHE", "float16")
-    with pytest.raises(UserError, match="GPT2_TOOLKIT_KV_CACHE='float16': choose measure, model, float32"):
-        kv_cache_dtype(model, 3, 50)
 
 
 def test_generation_restores_training_mode() -> None:
@@ -347,20 +320,21 @@ def test_sample_compile_gives_the_eager_tokens_and_reports_compile_time_apart(ch
                      compiled.stderr), compiled.stderr
 
 
-def test_sample_keeps_freed_memory_from_before_the_model_is_loaded(checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                  capsys: pytest.CaptureFixture) -> None:
-    """glibc would hand each decode step's fresh megabyte of logits back to the system and fault it in
-    again at the next step (core.devices.keep_freed_memory): the trainers' setting, in sample.py too."""
+def test_sample_opts_into_the_cpu_speed_up_once_on_the_loaded_model(checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """One call, on the model that then generates (core/cpu_speedups.py), never hidden in a loader."""
     import sample
 
-    events: list[tuple] = []
-    load = sample.load_model_and_tokenizer
-    monkeypatch.setattr(sample, "keep_freed_memory", lambda device: events.append(("keep", device.type)))
-    monkeypatch.setattr(sample, "load_model_and_tokenizer", lambda *a, **k: events.append(("load",)) or load(*a, **k))
+    opted_in: list[torch.nn.Module] = []
+    generated: list[torch.nn.Module] = []
+    monkeypatch.setattr(sample, "speed_up_generation", opted_in.append)
+    stream = sample.stream_tokens
+    monkeypatch.setattr(sample, "stream_tokens",
+                        lambda model, *a, **k: generated.append(model) or stream(model, *a, **k))
     monkeypatch.setattr(sys, "argv", ["sample.py", "-m", str(checkpoint), "--json", "--max-new-tokens", "2",
                                       "--device", "cpu", "--dtype", "float32", "Hello"])
     sample.main()
-    assert events == [("keep", "cpu"), ("load",)]
+    assert len(opted_in) == 1 and generated == opted_in
     assert len(json.loads(capsys.readouterr().out)["samples"][0]["tokens"]) == 2
 
 

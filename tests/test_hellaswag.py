@@ -1,4 +1,4 @@
-"""core/evaluation.py and hellaswag.py against the plain one-example-per-forward reference."""
+"""core/hellaswag.py and hellaswag.py against the plain one-example-per-forward reference."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import evaluation
 from core.checkpoint import save_checkpoint
 from core.errors import UserError
-from core.evaluation import Example, Result, hellaswag_file, read_hellaswag, score_examples, summarize
+from core.hellaswag import Example, Result, hellaswag_file, read_hellaswag, score_examples, summarize
 from core.hf import export_hf
 from core.pretrained import load_model
 from core.tokenizer import get_tokenizer
@@ -134,19 +133,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_scoring_keeps_freed_memory_from_before_the_model_is_loaded(checkpoint: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """hellaswag.py and evaluate.py load their model so: glibc's malloc set up as in training first."""
-    from core import scoring
-
-    events: list[tuple] = []
-    load = scoring.load_model_and_tokenizer
-    monkeypatch.setattr(scoring, "keep_freed_memory", lambda device: events.append(("keep", device.type)))
-    monkeypatch.setattr(scoring, "load_model_and_tokenizer", lambda *a, **k: events.append(("load",)) or load(*a, **k))
-    model, _, dtype = scoring.load_model_to_score(str(checkpoint), torch.device("cpu"), "float32")
-    assert events == [("keep", "cpu"), ("load",)] and dtype == torch.float32 and model.config.vocab_size == 50257
-
-
 def run(command: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "GPT2_TOOLKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", **env}
     # The device and dtype pinned: with auto, a GPU box would run these on CUDA (and torchrun's rank 1 on a GPU
@@ -233,8 +219,8 @@ def html_server() -> Iterator[str]:
 
 def test_a_page_that_is_not_hellaswag_is_refused(html_server: str, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(evaluation, "HELLASWAG_URL", html_server)
-    monkeypatch.setattr(evaluation, "CACHE_DIR", tmp_path)
+    monkeypatch.setenv("GPT2_TOOLKIT_HELLASWAG_URL", html_server)
+    monkeypatch.setenv("GPT2_TOOLKIT_CACHE", str(tmp_path))
     with pytest.raises(UserError, match=rf"{html_server} did not return HellaSwag JSONL \(it starts "
                                         r"'<!DOCTYPE html>.*--data PATH"):
         hellaswag_file()

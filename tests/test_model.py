@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from core import hf
-from core.checkpoint import load_checkpoint, save_checkpoint
+from core.checkpoint import read_meta, save_checkpoint
 from core.errors import UserError
 from core.pretrained import load_model
 from core.weights import our_layout
@@ -94,7 +94,7 @@ def test_golden_logits_and_hidden_states_of_shared_tiny_model() -> None:
     for name, ours in (("embed", seen["embed"]), ("block0", seen["block0"]), ("lnf", hidden)):
         reference = torch.tensor(golden[f"hidden_after_{name}"]).view(golden["hidden_shape"])
         torch.testing.assert_close(ours[0], reference, atol=GOLDEN_HIDDEN_TOLERANCE, rtol=0, msg=name)
-    assert tokenizer == "gpt2"
+    assert tokenizer.name == "gpt2"
 
 
 def test_from_pretrained_gives_the_golden_logits() -> None:
@@ -169,8 +169,9 @@ def test_checkpoint_round_trip_keeps_logits_and_metadata(tmp_path: Path) -> None
     model = GPT(config).eval()
     save_checkpoint(tmp_path / "ckpt", model, tokenizer="cl100k_base", step=17)
     save_checkpoint(tmp_path / "ckpt", model, tokenizer="cl100k_base", step=18)  # overwrite in place
-    loaded, meta = load_checkpoint(tmp_path / "ckpt")
-    assert meta["step"] == 18 and meta["tokenizer"] == "cl100k_base"
+    loaded, tokenizer = load_model(str(tmp_path / "ckpt"))
+    meta = read_meta(tmp_path / "ckpt")
+    assert meta["step"] == 18 and meta["tokenizer"] == tokenizer.name == "cl100k_base"
     assert loaded.config == config
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     idx = random_tokens(config, batch=2)
@@ -301,7 +302,7 @@ def test_export_keeps_the_tokenizer_name(tmp_path: Path) -> None:
     model = GPT(GPTConfig(block_size=8, vocab_size=100277, n_layer=1, n_head=1, n_embd=8))
     hf.export_hf(model, tmp_path, tokenizer="cl100k_base")
     assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 100257
-    assert load_model(str(tmp_path))[1] == "cl100k_base"
+    assert load_model(str(tmp_path))[1].name == "cl100k_base"
 
 
 def test_export_cli_writes_a_folder_hf_loads(tmp_path: Path) -> None:
@@ -410,8 +411,7 @@ with torch.no_grad():
     model(idx[:, :5])
     model(idx[:1, :1])
 """
-    env = {key: value for key, value in os.environ.items() if key != "GPT2_TOOLKIT_MATMUL"}
-    env.update(HOME=str(home), GPT2_TOOLKIT_CACHE=str(cache), XDG_CACHE_HOME=str(cache))
+    env = {**os.environ, "HOME": str(home), "GPT2_TOOLKIT_CACHE": str(cache), "XDG_CACHE_HOME": str(cache)}
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=HANG_GUARD_SECONDS)
     assert result.returncode == 0, result.stderr

@@ -30,13 +30,13 @@ from core.multiple_choice import (
     collate,
     encode_questions,
     joint_loss,
-    load_multiple_choice_model,
     read_questions,
     split_off,
+    with_classifier,
 )
-from core.optim import linear_learning_rate
-from core.pretrained import load_model_and_tokenizer
+from core.pretrained import load_model
 from core.tokenizer import get_tokenizer
+from finetune_mc import linear_learning_rate
 from model import GPT, GPTConfig
 from tests.gpt1_files import write_hf_gpt1_folder
 from tests.stages import run_stage
@@ -247,13 +247,13 @@ def test_finetuning_gpt1_with_the_lm_loss(tmp_path: Path, monkeypatch: pytest.Mo
     meta = read_meta(best)
     assert meta["epoch"] == summary["best_epoch"] and meta["added_tokens"] == list(MARKER_NAMES)
     assert (best / CLASSIFIER_FILE).is_file() and (best / "vocab.json").is_file()
-    model, tokenizer, markers = load_multiple_choice_model(best)
+    gpt, tokenizer = load_model(str(best))  # as any checkpoint: sample.py and hellaswag.py read it so
+    model, markers = with_classifier(gpt, best)
     assert markers.extract == tokenizer.n_vocab - 1 == model.gpt.config.vocab_size - 1
     labelled = read_questions(tmp_path / "train.csv", limit=40)
     _, val = split_off(labelled, 8, seed=42)
     encoded, _ = encode_questions(val, tokenizer, markers, model.gpt.config.block_size)
     assert accuracy(model, encoded, batch_size=4) == summary["best_val_acc"]
-    gpt, _ = load_model_and_tokenizer(str(best))  # sample.py and hellaswag.py read it as any checkpoint
     assert gpt.config.post_ln and gpt.config.vocab_size == tokenizer.n_vocab
     assert "| zero-shot (acc) |" in out
 

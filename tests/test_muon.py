@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import train_gpt2
+from core.config import TrainConfig
 from core.errors import UserError
 from core.hf import export_hf
 from core.muon import Muon, orthogonalize
-from core.optim import MuonWithAdamW, build_optimizer, scheduled_learning_rate, wsd_learning_rate
+from core.optim import MuonWithAdamW, build_optimizer
 from core.pretrained import load_model
 from model import GPT, GPTConfig
 from tests.stages import SMALL, run_stage
@@ -97,19 +98,23 @@ def test_muon_gets_exactly_the_blocks_matrices_and_adamw_the_rest() -> None:
     assert {name for name, n in blocks.items() if n == 3} == {f"transformer.h.{i}.attn.c_attn.weight" for i in range(2)}
     decayed = {names[id(p)] for g in optimizer.adamw.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {"transformer.wte.weight", "transformer.wpe.weight"}
-    optimizer.set_lr(5e-4)
-    assert {g["lr"] for g in optimizer.adamw.param_groups} == {5e-4}
-    assert [g["lr"] for g in optimizer.muon.param_groups] == pytest.approx([0.01, 0.01])  # 0.02 / 1e-3 x 5e-4
+    # One schedule drives both: train_gpt2.py sets each group's lr to the schedule's times its lr_scale.
+    assert all("lr_scale" not in g for g in optimizer.adamw.param_groups)
+    assert [g["lr_scale"] for g in optimizer.muon.param_groups] == pytest.approx([20, 20])  # 0.02 / 1e-3
+    optimizer.muon.param_groups[0]["lr_scale"] = 1.0  # as a checkpoint of another muon_lr would hold it
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert [g["lr_scale"] for g in optimizer.muon.param_groups] == pytest.approx([20, 20])  # this run's
 
 
 def test_wsd_at_the_boundaries_of_its_phases() -> None:
-    lr = lambda step: wsd_learning_rate(step, 1.0, 0.1, warmup_steps=10, max_steps=100, decay_fraction=0.2)  # noqa: E731
+    lr = lambda step: train_gpt2.wsd_learning_rate(step, 1.0, 0.1, warmup_steps=10, max_steps=100, decay_fraction=0.2)  # noqa: E731
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)  # warmup: (step + 1) / 10
     assert lr(10) == lr(50) == lr(80) == 1.0  # stable until the last 20 steps
     assert lr(81) == pytest.approx(0.1 + 0.9 * 19 / 20) and lr(90) == pytest.approx(0.1 + 0.9 * 10 / 20)
     assert lr(99) == pytest.approx(0.1 + 0.9 / 20) and lr(100) == lr(150) == 0.1
-    assert scheduled_learning_rate("wsd", 85, 1.0, 0.1, 10, 100, 0.2) == lr(85)
-    assert scheduled_learning_rate("cosine", 85, 1.0, 0.1, 10, 100, 0.2) != lr(85)
+    config = TrainConfig(max_lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=100, decay_fraction=0.2)
+    assert train_gpt2.learning_rate("wsd", 85, config) == lr(85)
+    assert train_gpt2.learning_rate("cosine", 85, config) != lr(85)
 
 
 def test_a_muon_run_in_bfloat16_and_compiled_exports_to_transformers(
@@ -136,3 +141,13 @@ def test_a_muon_run_in_bfloat16_and_compiled_exports_to_transformers(
     assert status == 2 and "--optimizer 'adamw' is not the 'muon' that" in err and len(err.splitlines()) == 1, err
     with pytest.raises(UserError, match="optimizer 'sgd'"):
         train_gpt2.parse_config(["--optimizer", "sgd"])
+
+
+def test_the_trainers_step_runs_muon_at_its_multiple_of_the_schedule(shakespeare_shards: Path, tmp_path: Path) -> None:
+    config = train_gpt2.parse_config(["--data-dir", str(shakespeare_shards), "--log-dir", str(tmp_path / "log"),
+                                      *SMALL, "--total-batch-size", "128", "--max-steps", "4", "--optimizer", "muon",
+                                      "--max-lr", "1e-3", "--muon-lr", "0.02"])
+    trainer = train_gpt2.Trainer(config, train_gpt2.Distributed(0, 0, 1, torch.device("cpu")))
+    _, _, lr = trainer.train_step()
+    assert {group["lr"] for group in trainer.optimizer.adamw.param_groups} == {lr}
+    assert [group["lr"] for group in trainer.optimizer.muon.param_groups] == pytest.approx([20 * lr] * 2)

@@ -3,6 +3,7 @@ independent reference: the formula by hand, a single-process run for DDP, an uni
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +28,13 @@ from core.checkpoint import save_checkpoint
 from core.config import FinetuneConfig, TrainConfig
 from core.data import TokenLoader, ValSet
 from core.errors import UserError
-from core.optim import decay_groups, learning_rate
+from core.optim import decay_groups
 from core.runlog import read_records
 from core.shards import list_shards, open_shard, write_shard
 from model import GPT, GPTConfig
 from tests.core_files import make_bundle
 from tests.data_paths import HELLASWAG
-from tests.stages import HANG_GUARD_SECONDS, SMALL
+from tests.stages import HANG_GUARD_SECONDS, SMALL, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +72,7 @@ def final_weights(log_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 def test_learning_rate_follows_warmup_then_cosine() -> None:
     max_lr, min_lr, warmup, steps = 6e-4, 6e-5, 10, 110
+    learning_rate = train_gpt2.cosine_learning_rate
     assert learning_rate(0, max_lr, min_lr, warmup, steps) == pytest.approx(6e-5)  # (0 + 1) / 10 of max
     assert learning_rate(9, max_lr, min_lr, warmup, steps) == pytest.approx(6e-4)  # end of warmup
     assert learning_rate(10, max_lr, min_lr, warmup, steps) == pytest.approx(6e-4)  # cos(0) = 1
@@ -104,9 +107,9 @@ def test_toml_and_flags_make_the_config(tmp_path: Path) -> None:
     assert train_gpt2.parse_config([]) == TrainConfig()  # the defaults: build-nanogpt's recipe
     for shipped in sorted((ROOT / "configs").glob("*.toml")):  # every shipped config is valid settings,
         try:  # of train_gpt2.py's or of finetune_mc.py's
-            TrainConfig.from_toml(shipped)
+            TrainConfig.from_values(TrainConfig.read_toml(shipped))
         except UserError:
-            FinetuneConfig.from_toml(shipped)
+            FinetuneConfig.from_values(FinetuneConfig.read_toml(shipped))
 
 
 @pytest.mark.parametrize(("argv", "toml", "message"), [
@@ -347,31 +350,27 @@ def test_ddp_with_accumulation_equals_one_process(shakespeare_shards: Path, tmp_
     assert [r["loss"] for r in records(tmp_path / "ddp", "train")] == pytest.approx(single_losses, abs=1e-5)
 
 
-@pytest.mark.parametrize(("processes", "dtype", "optimizer", "attention"), [
-    (1, "float32", "adamw", "flash"), (1, "bfloat16", "adamw", "flash"), (2, "float32", "adamw", "flash"),
-    (2, "bfloat16", "adamw", "flash"),
-    (1, "float32", "muon", "flash"),  # Muon over 2 ranks: test_ddp_with_accumulation_equals_one_process
-    (1, "bfloat16", "adamw", "blocks"),  # core/attention.py's other formulation, which runs without dropout
+@pytest.mark.parametrize(("processes", "dtype", "optimizer"), [
+    (1, "float32", "adamw"), (1, "bfloat16", "adamw"), (2, "float32", "adamw"), (2, "bfloat16", "adamw"),
+    (1, "float32", "muon"),  # Muon over 2 ranks: test_ddp_with_accumulation_equals_one_process
 ], ids=lambda value: {1: "one-process", 2: "torchrun-2"}.get(value, value))
 def test_killed_run_resumes_exactly(shakespeare_shards: Path, tmp_path: Path, launcher: Path, processes: int,
-                                    dtype: str, optimizer: str, attention: str) -> None:
+                                    dtype: str, optimizer: str) -> None:
     """12 steps straight equal 6 steps, SIGKILL right after the step-6 checkpoint, then --resume auto: bitwise,
     with shuffling and dropout on, so the data position and every random state must come back; in either dtype
-    --dtype auto may pick (bfloat16 on a CPU with bfloat16 units), with Muon's momentum (and WSD), and with
-    either attention formulation a CPU may measure faster."""
-    dropout = "0.1" if attention == "flash" else "0"
+    --dtype auto may pick (bfloat16 on a CPU with bfloat16 units), and with Muon's momentum (and WSD)."""
     common = ["--total-batch-size", str(256 * processes), "--max-steps", "12", "--checkpoint-interval", "6",
-              "--shuffle", "true", "--dropout", dropout, "--val-tokens", "1024", "--eval-interval", "4",
+              "--shuffle", "true", "--dropout", "0.1", "--val-tokens", "1024", "--eval-interval", "4",
               "--dtype", dtype, "--peak-flops", "1e12", "--optimizer", optimizer]
-    torchrun, env = processes if processes > 1 else 0, {"GPT2_TOOLKIT_ATTENTION": attention}
-    straight = train(shakespeare_shards, tmp_path / "straight", *common, torchrun=torchrun, env=env)
+    torchrun = processes if processes > 1 else 0
+    straight = train(shakespeare_shards, tmp_path / "straight", *common, torchrun=torchrun)
     assert straight.returncode == 0, straight.stderr
     killed_log = tmp_path / "killed"
     killed = run_script(launcher, "kill-after-step-6", "-", "--data-dir", str(shakespeare_shards), "--log-dir",
-                        str(killed_log), *SMALL, *common, cwd=tmp_path, torchrun=torchrun, env=env)
+                        str(killed_log), *SMALL, *common, cwd=tmp_path, torchrun=torchrun)
     assert killed.returncode != 0
     assert [path.name for path in (killed_log / "checkpoints").iterdir()] == ["step_000006"]
-    resumed = train(shakespeare_shards, killed_log, *common, "--resume", "auto", torchrun=torchrun, env=env)
+    resumed = train(shakespeare_shards, killed_log, *common, "--resume", "auto", torchrun=torchrun)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout and "at step 6" in resumed.stdout
     for name, tensor in final_weights(tmp_path / "straight", 12).items():
@@ -556,29 +555,120 @@ def test_core_without_its_bundle_offline_is_one_line_and_the_run_goes_on(shakesp
     assert not records(tmp_path / "log", "core")
 
 
-def test_both_trainers_take_every_step_through_the_one_step_function(shakespeare_shards: Path, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from core.training import TrainingRun
+TORCH = Path(torch.__file__).parent
+
+
+def caller_outside_torch() -> str:
+    """The file name of the nearest caller that is not torch's own code (a wrapper of an optimizer's
+    step, say) nor this file's."""
+    frame = sys._getframe(1)
+    while frame.f_code.co_filename.startswith(str(TORCH)) or frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    return Path(frame.f_code.co_filename).name
+
+
+def test_each_trainer_writes_its_own_step(shakespeare_shards: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward, the clipping and the optimizer's update of every step are called from the trainer's
+    own file, where a reader looks for them (build-nanogpt's shape); so is the gradient sync, set on the
+    last micro-step before its forward pass (build-nanogpt #30), which one process cannot run: read from
+    the code here, and run by test_ddp_with_accumulation_equals_one_process (one all-reduce a step)."""
     from tests.story_cloze_files import story_cloze_args
 
-    callers = []
-    step = TrainingRun.step
+    calls: list[tuple[str, str]] = []
+    backward, clip, adamw_step = torch.Tensor.backward, torch.nn.utils.clip_grad_norm_, torch.optim.AdamW.step
+    def spy(name: str, function: Callable) -> Callable:
+        return lambda *a, **k: calls.append((name, caller_outside_torch())) or function(*a, **k)
 
-    def spy(self: TrainingRun, *args: object, **kwargs: object) -> object:
-        callers.append(sys._getframe(1).f_code.co_filename)
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(TrainingRun, "step", spy)
+    monkeypatch.setattr(torch.Tensor, "backward", spy("backward", backward))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy("clip", clip))
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy("update", adamw_step))
     train_gpt2.main(["--data-dir", str(shakespeare_shards), "--log-dir", str(tmp_path / "log"), *SMALL,
-                     "--total-batch-size", "128", "--max-steps", "2"])
+                     "--total-batch-size", "256", "--max-steps", "2"])  # 2 micro-steps a step
+    step = [("backward", "train_gpt2.py")] * 2 + [("clip", "train_gpt2.py"), ("update", "train_gpt2.py")]
+    assert calls == step * 2
+    calls.clear()
     save_checkpoint(tmp_path / "pretrained", GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2,
                                                            n_embd=16)), "gpt2")
     finetune_mc.main(story_cloze_args(tmp_path, tmp_path / "finetune", tmp_path / "pretrained", 20, 4,
                                       val_examples=4, epochs=1, batch_size=8, micro_batch_size=4, zero_shot="false"))
-    assert [Path(name).name for name in callers] == ["train_gpt2.py"] * 2 + ["finetune_mc.py"] * 2
-    for script in ("train_gpt2.py", "finetune_mc.py"):  # the step is theirs to call, not to write
-        source = (ROOT / script).read_text()
-        assert ".backward(" not in source and "no_sync" not in source, script
+    step = [("backward", "finetune_mc.py")] * 2 + [("clip", "finetune_mc.py"), ("update", "finetune_mc.py")]
+    assert calls == step * 2
+
+    for script, trainer in (("train_gpt2.py", "Trainer"), ("finetune_mc.py", "Finetuner")):
+        tree = ast.parse((ROOT / script).read_text())
+        step_function = next(node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == trainer)
+        train_step = next(node for node in step_function.body
+                          if isinstance(node, ast.FunctionDef) and node.name == "train_step")
+        loop = next(node for node in ast.walk(train_step) if isinstance(node, ast.For)
+                    and isinstance(node.target, ast.Name) and node.target.id == "micro_step")
+        sync = [node for node in ast.walk(loop) if isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Attribute) and t.attr == "require_backward_grad_sync" for t in node.targets)]
+        assert len(sync) == 1, f"{script}: the sync on the last micro-step is set in its step's loop"
+        assert ast.unparse(sync[0].value) == "micro_step == self.accum - 1", script
+        assert ast.unparse(sync[0].targets[0].value) == "model", f"{script}: on the module that runs the forward"
+        forward = min(node.lineno for node in ast.walk(loop) if isinstance(node, ast.Call)
+                      and isinstance(node.func, ast.Name) and node.func.id == "model")
+        assert sync[0].lineno < forward, f"{script}: DDP decides in the forward pass, so it is set before it"
+
+
+OUR_FILES = {path.relative_to(ROOT).as_posix() for path in ROOT.glob("**/*.py")
+             if not path.relative_to(ROOT).as_posix().startswith(("tests/", ".venv/"))}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_steady_step_runs_code_from_six_of_our_files_at_most(shakespeare_shards: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    """From the end of one optimizer update to the end of the next (the batch, forward, loss, backward,
+    clip, update and the step's log line; AdamW, eager, one process, no evaluation due): the files a
+    reader must open to follow it. None of them times or caches anything per machine."""
+    ran: set[str] = set()
+    updates = [0]
+    adamw_step = torch.optim.AdamW.step
+
+    def record(frame: object, event: str, arg: object) -> None:
+        if event == "call":
+            name = Path(frame.f_code.co_filename)
+            if name.is_relative_to(ROOT) and name.relative_to(ROOT).as_posix() in OUR_FILES:
+                ran.add(name.relative_to(ROOT).as_posix())
+
+    def step(*args: object, **kwargs: object) -> object:
+        result = adamw_step(*args, **kwargs)
+        updates[0] += 1
+        sys.setprofile(record if updates[0] == 2 else None)  # the third step: caches and allocator settled
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    try:
+        train_gpt2.main(["--data-dir", str(shakespeare_shards), "--log-dir", str(tmp_path / "log"), *SMALL,
+                         "--total-batch-size", "256", "--max-steps", "4", "--eval-interval", "1000", "--dtype", dtype,
+                         "--peak-flops", "1e12"])  # 2 micro-steps a step
+    finally:
+        sys.setprofile(None)
+    assert updates[0] == 4
+    assert {"train_gpt2.py", "model.py"} <= ran and len(ran) <= 6, sorted(ran)
+    assert not ran & {"core/cpu_speedups.py", "core/cache.py", "core/mfu.py"}, sorted(ran)  # nothing measured, kept
+
+
+def test_a_training_run_writes_nothing_outside_its_log_dir(shakespeare_shards: Path, tmp_path: Path) -> None:
+    """With HOME and the cache folder empty, HellaSwag and CORE off: no per-machine answer kept anywhere,
+    nothing in the working folder; the data folder as it was."""
+    home, cache, work, temporary = tmp_path / "home", tmp_path / "cache", tmp_path / "work", tmp_path / "tmp"
+    for folder in (home, cache, work, temporary):
+        folder.mkdir()
+    data_before = snapshot(shakespeare_shards)
+    # matplotlib keeps its own font cache (plot.png): a library's, once per user, pointed elsewhere here.
+    env = {"HOME": str(home), "GPT2_TOOLKIT_CACHE": str(cache), "XDG_CACHE_HOME": str(home / ".cache"),
+           "MPLCONFIGDIR": str(tmp_path / "matplotlib"), "TMPDIR": str(temporary)}
+    result = train(shakespeare_shards, tmp_path / "log", "--total-batch-size", "128", "--max-steps", "2",
+                   "--num-samples", "1", "--sample-tokens", "4", "--eval-interval", "1", "--core-interval", "0",
+                   "--val-tokens", "1024", cwd=work, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "log" / "checkpoints" / "step_000002").is_dir() and (tmp_path / "log" / "plot.png").is_file()
+    assert [list(folder.rglob("*")) for folder in (home, cache, work)] == [[], [], []]
+    # torch's fused AdamW makes an empty torchinductor_<user> folder in the temporary folder: no file
+    assert [path for path in temporary.rglob("*") if not path.is_dir()] == []
+    assert snapshot(shakespeare_shards) == data_before
 
 
 def test_resume_never_on_a_used_folder_ends_every_rank(shakespeare_shards: Path, tmp_path: Path) -> None:
@@ -621,8 +711,8 @@ def test_a_stop_signal_on_an_evaluation_step_saves_first_and_skips_the_evaluatio
                         evaluate(self))
     monkeypatch.setattr(train_gpt2.Trainer, "save", lambda self: events.append(("save", self.step)) or save(self))
     monkeypatch.setattr(TrainingRun, "stop_requested", lambda self: len([e for e in events if e[0] == "step"]) == 2)
-    step = TrainingRun.step
-    monkeypatch.setattr(TrainingRun, "step", lambda self, *a, **k: events.append(("step", None)) or step(self, *a, **k))
+    step = train_gpt2.Trainer.train_step
+    monkeypatch.setattr(train_gpt2.Trainer, "train_step", lambda self: events.append(("step", None)) or step(self))
     train_gpt2.main(["--data-dir", str(shakespeare_shards), "--log-dir", str(tmp_path / "log"), *SMALL,
                      "--total-batch-size", "128", "--max-steps", "10", "--eval-interval", "2"])
     assert [e for e in events if e[0] != "step"] == [("evaluate", 0), ("save", 2)]  # step 2's evaluation skipped
@@ -672,12 +762,10 @@ def test_micro_batch_auto_halves_on_out_of_memory_and_records_its_choice(shakesp
 
 def test_out_of_memory_in_training_is_one_line_naming_the_setting(shakespeare_shards: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from core.training import TrainingRun
-
-    def oom(self: TrainingRun, *args: object, **kwargs: object) -> None:
+    def oom(self: train_gpt2.Trainer) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.28 GiB (simulated)")
 
-    monkeypatch.setattr(TrainingRun, "step", oom)
+    monkeypatch.setattr(train_gpt2.Trainer, "train_step", oom)
     with pytest.raises(UserError, match=r"^out of memory on cpu: lower --micro-batch-size \(now 4;") as raised:
         train_gpt2.main(["--data-dir", str(shakespeare_shards), "--log-dir", str(tmp_path / "log"), *SMALL,
                          "--total-batch-size", "128", "--max-steps", "2"])

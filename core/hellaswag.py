@@ -26,18 +26,13 @@ from core.scoring import (
     Candidate,
     Score,
     gather_from_ranks,
-    pack_question,
-    score_packed,
     scored_batches,
     share_of_this_rank,
 )
 from core.tokenizer import Tokenizer
 from model import GPT
 
-# GPT2_TOOLKIT_HELLASWAG_URL points the download at a mirror (or, in the tests, at a local server).
-HELLASWAG_URL = os.environ.get("GPT2_TOOLKIT_HELLASWAG_URL",
-                               "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl")
-CACHE_DIR = cache_dir()
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
 
 @dataclass(frozen=True)
@@ -67,9 +62,11 @@ def hellaswag_file(path: Path | None = None, flag: str = "--data") -> Path:
         if not path.is_file():
             raise UserError(f"HellaSwag file {path} does not exist")
         return path
-    cached = CACHE_DIR / "hellaswag" / "hellaswag_val.jsonl"
+    cached = cache_dir() / "hellaswag" / "hellaswag_val.jsonl"
     if not cached.is_file():
-        download(HELLASWAG_URL, cached, looks_right=_is_hellaswag, what="HellaSwag JSONL",
+        # GPT2_TOOLKIT_HELLASWAG_URL points the download at a mirror (or, in the tests, at a local server).
+        url = os.environ.get("GPT2_TOOLKIT_HELLASWAG_URL", HELLASWAG_URL)
+        download(url, cached, looks_right=_is_hellaswag, what="HellaSwag JSONL",
                  advice=f"Offline, pass a local copy of hellaswag_val.jsonl with {flag} PATH, or put it at {cached}")
     return cached
 
@@ -145,11 +142,12 @@ def result(example: Example, scores: list[Score]) -> Result:
                   sum_losses=sums, mean_losses=means)
 
 
-def score_batch(model: GPT, examples: list[Example]) -> list[Result]:
-    """Results for a batch of examples, in one forward pass."""
-    scores = score_packed(model, [pack_question(candidates(example)) for example in examples],
-                          [len(example.endings) for example in examples])
-    return [result(example, example_scores) for example, example_scores in zip(examples, scores, strict=True)]
+def read_examples_that_fit(path: Path, encoding: Tokenizer, block_size: int,
+                           limit: int | None = None) -> tuple[list[Example], int]:
+    """`read_hellaswag`'s examples that fit in `block_size` positions, and how many of them did not."""
+    examples = read_hellaswag(path, encoding, limit)
+    fitting = examples_that_fit(examples, block_size)
+    return fitting, len(examples) - len(fitting)
 
 
 def examples_that_fit(examples: list[Example], block_size: int) -> list[Example]:
