@@ -53,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="decode with a torch.compile'd step over a static KV cache, compiled before the "
                              "timing starts (default: on for CUDA, off on the CPU, where it gains little for its "
-                             "compile time; the README's benchmarks give figures)")
+                             "compile time; docs/benchmarks.md gives figures)")
     args = parser.parse_args()
     if args.num_samples is None:  # greedy samples would all be the same
         args.num_samples = 1 if args.interactive or args.greedy else 5

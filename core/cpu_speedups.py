@@ -11,8 +11,8 @@ anything nor writes a file, and the model never knows of them:
    again whenever the weight changes (its version counter or storage); it costs the weights' memory
    once more. sample.py calls it after loading the model.
 
-Each stays only where it paid 10% or more in a whole process, side by side with plain PyTorch (the
-README's benchmark tables give the figures, with the machines named). Left out after that test (#37):
+Each stays only where it paid 10% or more in a whole process, side by side with plain PyTorch
+(docs/benchmarks.md gives the figures, with the machines named). Left out after that test (#37):
 the blockwise attention in training, a float32 KV cache for a bfloat16 model, the kept weight copy in
 hellaswag.py and evaluate.py (1.06-1.08x in float32; a bfloat16 run scores under autocast, which
 oneDNN's product ignores), and the per-machine timing that chose among these: its races flipped

@@ -44,7 +44,7 @@ def resolve_dtype(name: str, device: torch.device, cpu_bfloat16: bool = False) -
     bfloat16 are slow on most processors, and float16 needs loss scaling to train). With
     `cpu_bfloat16`, `auto` is also bfloat16 on CPUs with native bfloat16 units (AVX512-BF16 or AMX on
     x86, BF16 on Arm): sampling and training ask for it (their steps ran faster so, measured on the
-    machines the README's benchmark tables name), while evaluation keeps float32 on the CPU so that its
+    machines docs/benchmarks.md names), while evaluation keeps float32 on the CPU so that its
     numbers stay comparable with the published ones."""
     if name == "auto":
         # Native bfloat16 arrived with Ampere (compute capability 8); older GPUs only emulate it, slowly.
@@ -76,7 +76,7 @@ def settle_cpu_threads(device: torch.device) -> None:
     """Run one multithreaded CPU op before any that counts. The first parallel region of a process may
     split its work between the threads otherwise than every later one, and where vectorized and scalar
     code round differently (exp, tanh) the results then differ in the last bit: on the 2-core Xeon of
-    the README's tables, the first large exp_ of 2 in 30 fresh processes did, never after such a warm-up
+    docs/benchmarks.md, the first large exp_ of 2 in 30 fresh processes did, never after such a warm-up
     nor with one thread. A resumed run's first step is its process's first, so without this, bitwise
     resume failed now and then."""
     if device.type == "cpu":
@@ -89,7 +89,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # /proc/cpuinfo flags of bfloat16 arithmetic in hardware: a bfloat16 matmul runs at several times the
-# float32 rate with them, at ~1% of it without (the README's benchmark tables give figures).
+# float32 rate with them, at ~1% of it without (docs/benchmarks.md gives figures).
 NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 

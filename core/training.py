@@ -77,7 +77,7 @@ class TrainingRun:
         self.distributed, self.log = distributed, log
         self.device = distributed.device
         # After every override (nanoGPT #708); bfloat16 on CPUs with bfloat16 units too, where a step runs
-        # faster so (the README's benchmark tables).
+        # faster so (docs/benchmarks.md).
         self.dtype = resolve_dtype(settings.dtype, self.device, cpu_bfloat16=True)
         self.compile = settings.compile if settings.compile is not None else self.device.type == "cuda"
         self.compile_mode = settings.compile_mode
