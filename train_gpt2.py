@@ -284,7 +284,7 @@ class Trainer:
                 # All-reduce the gradients in the last micro-step's backward only. DDP decides that in
                 # the forward pass, so it is set before it (build-nanogpt #30).
                 model.require_backward_grad_sync = micro_step == self.accum - 1
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+            with self.run.autocast():  # bfloat16 autocast over float32 weights where the run is bf16
                 _, loss = model(x, y)
             # Each micro-batch's share of the batch's mean, so that the gradient (and what the clip
             # threshold means) is the same whatever the accumulation (nanoGPT #168).

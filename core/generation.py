@@ -177,7 +177,7 @@ def stream_tokens(model: GPT, prompt: list[int], num_samples: int, max_new_token
     if compiled:
         cache = static_cache(model, num_samples, positions)
     else:
-        cache = KVCache(model.config, num_samples, positions, device=device, dtype=model.transformer.wte.weight.dtype)
+        cache = KVCache(model.config, num_samples, positions, device=device, dtype=model.dtype)
     step = _compiled_decode_step(device.type) if compiled else decode_step
     # The prompt is the same for every sample: prefill it once, at batch 1; KVCache.update copies
     # its keys and values into every row, and its logits serve every sample's first draw.
