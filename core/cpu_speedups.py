@@ -103,10 +103,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not _packable(x, weight, bias):
         return F.linear(x, weight, bias)
     try:
-        packed = packed_weight(weight)
-    except RuntimeError:  # a oneDNN build without this product: F.linear
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), packed_weight(weight), bias, "none", [],
+                                               "")
+    except RuntimeError:  # oneDNN without this product here (bfloat16 on some CPUs): F.linear
         return F.linear(x, weight, bias)
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), packed, bias, "none", [], "")
     return y.reshape(*x.shape[:-1], y.size(-1))
 
 
